@@ -1,0 +1,37 @@
+"""Helpers shared by the parity tests: error metric, weight perturbation, torch <-> numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_err(actual, expected) -> float:
+    """max |a - b| / max |b| (the metric of DESIGN.md section 6)."""
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(expected, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} vs {b.shape}"
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def perturb_(torch_module, seed: int = 0, scale: float = 0.05) -> None:
+    """Add noise to every parameter so no zero-initialised or unit-initialised path hides a bug."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in torch_module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def torch_state(torch_module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in torch_module.state_dict().items()}
+
+
+def nchw(x_nhwc: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t) -> np.ndarray:
+    return t.detach().cpu().numpy().transpose(0, 2, 3, 1)

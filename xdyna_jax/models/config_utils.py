@@ -1,0 +1,40 @@
+"""Shared helpers for the model config dataclasses (JSON round trip, diffusers config import)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from xdyna_jax.nn.compute import Compute
+
+
+def _freeze(value):
+    return tuple(_freeze(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def config_from_dict(cls, data: dict[str, Any], *, strict: bool = True):
+    """Build dataclass `cls` from a dict (as written by `config_to_dict`); lists become tuples.
+
+    strict: unknown keys raise (our own model.json); otherwise they are ignored (foreign configs).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if strict and unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
+    kwargs = {k: _freeze(v) for k, v in data.items() if k in names}
+    if "compute" in kwargs and not isinstance(kwargs["compute"], Compute):
+        kwargs["compute"] = Compute.from_dict(dict(kwargs["compute"]))
+    return cls(**kwargs)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    def thaw(v):
+        return [thaw(x) for x in v] if isinstance(v, tuple) else v
+
+    return {k: thaw(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def require_default(source: dict[str, Any], key: str, allowed: tuple, what: str) -> None:
+    """Refuse a foreign config value we do not implement instead of silently ignoring it."""
+    if key in source and source[key] not in allowed:
+        raise ValueError(f"{what}: {key}={source[key]!r} is not supported (supported: {list(allowed)})")

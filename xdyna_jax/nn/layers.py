@@ -1,0 +1,51 @@
+"""Thin constructors for Linear / Conv with the package's dtype and precision conventions.
+
+Attribute names follow the PyTorch originals; leaves are Flax's (`kernel`, `bias`), so a converted key is
+the PyTorch key with `weight` -> `kernel` and the layout transposed (see convert/state.py).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from xdyna_jax.nn.compute import Compute
+
+
+def linear(din: int, dout: int, compute: Compute, rngs: nnx.Rngs, *, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=compute.jnp_dtype,
+        param_dtype=jnp.float32,
+        precision=compute.lax_precision,
+        rngs=rngs,
+    )
+
+
+def conv(
+    din: int,
+    dout: int,
+    kernel: int,
+    compute: Compute,
+    rngs: nnx.Rngs,
+    *,
+    stride: int = 1,
+    padding: int | str = "auto",
+    bias: bool = True,
+) -> nnx.Conv:
+    """PyTorch-style Conv2d on NHWC: symmetric `padding` pixels (default kernel//2), never Flax 'SAME'."""
+    pad = kernel // 2 if padding == "auto" else padding
+    return nnx.Conv(
+        din,
+        dout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=bias,
+        dtype=compute.jnp_dtype,
+        param_dtype=jnp.float32,
+        precision=compute.lax_precision,
+        rngs=rngs,
+    )
