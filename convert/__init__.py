@@ -1,0 +1,1 @@
+"""PyTorch checkpoint readers/writers and converters for xdyna-jax."""

@@ -1,0 +1,388 @@
+"""Read PyTorch checkpoints as numpy, write safetensors, and create output folders atomically.
+
+Every failure a user can cause (missing, truncated or unsafe file, a folder without weights, an existing
+output) surfaces as one `ConversionError` whose message names the file, so the CLI can print it and exit.
+PyTorch is only imported for pickle-based files (.ckpt/.pth/.pt/.bin); .safetensors needs numpy alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ConversionError",
+    "atomic_output_dir",
+    "find_weights_file",
+    "read_state_dict",
+    "write_safetensors",
+]
+
+_TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+# Keys that wrap the real state dict in training checkpoints (Lightning, DDP scripts, X-Dyna, AnimateDiff).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+class ConversionError(Exception):
+    """The one error type converters raise; the message names the offending file, key or shape."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load a checkpoint file as `{name: numpy array}`.
+
+    Handles `.safetensors`, sharded `*.safetensors.index.json` / `*.bin.index.json` and torch pickles
+    (`.ckpt/.pth/.pt/.bin`, always with `weights_only=True`). Wrappers such as `{"state_dict": ..., "epoch": 3}`
+    are unwrapped, nested mappings of tensors are flattened with `.`, non-tensor values are dropped, and a
+    `module.` prefix shared by every key (DDP) is stripped. Floating tensors come out as float32; integer and
+    bool tensors keep their dtype.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(
+            f"{path} is a folder, not a checkpoint file (use find_weights_file for folders)"
+        )
+    if not path.exists():
+        raise ConversionError(f"no such file: {path}")
+    if path.name.endswith(".index.json"):
+        tensors = _read_sharded(path)
+    else:
+        tensors = _read_file(path)
+    if not tensors:
+        raise ConversionError(f"{path} contains no tensors")
+    return _strip_common_prefix(tensors, "module.")
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in _TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise ConversionError(
+        f"unsupported checkpoint type {suffix or '(no extension)'!r} for {path}: expected .safetensors, "
+        f"{', '.join(_TORCH_SUFFIXES)} or a *.index.json shard index"
+    )
+
+
+def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
+    """diffusers/transformers shard index: `{"weight_map": {tensor name: shard file name}}`."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"cannot read shard index {index_path}: no valid 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"cannot read shard index {index_path}: 'weight_map' is empty or not a mapping")
+
+    tensors: dict[str, np.ndarray] = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard = index_path.parent / shard_name
+        if not shard.is_file():
+            raise ConversionError(f"no such file: {shard} (a shard listed in {index_path})")
+        tensors.update(_read_file(shard))
+    missing = [k for k in weight_map if k not in tensors]
+    if missing:
+        raise ConversionError(
+            f"{index_path} lists {len(missing)} tensor(s) that its shards do not contain: {_preview(missing)}"
+        )
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype() == "BF16":
+                    out[key] = _read_bf16(path, key)  # numpy has no bfloat16: see _read_bf16
+                else:
+                    out[key] = _to_numpy(f.get_tensor(key), path, key)
+        return out
+    except ConversionError:
+        raise
+    except Exception as e:
+        raise ConversionError(
+            f"cannot read {path}: it is truncated or not a safetensors checkpoint ({_brief(e)})"
+        ) from e
+
+
+def _read_bf16(path: Path, key: str) -> np.ndarray:
+    """Decode one bf16 tensor straight from the file via ml_dtypes (a JAX dependency), so torch is not needed.
+
+    Layout (safetensors spec): u64 little-endian header size, JSON header with `data_offsets` relative to the
+    end of the header, then the raw little-endian buffer. bf16 -> float32 is exact.
+    """
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(header_size))[key]
+        start, end = info["data_offsets"]
+        f.seek(8 + header_size + start)
+        raw = f.read(end - start)
+    if len(raw) != end - start:
+        raise ConversionError(f"cannot read {path}: it is truncated (tensor {key!r} is cut short)")
+    return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f"reading {path} needs PyTorch (install the 'convert' extra), or convert it to .safetensors first"
+        ) from e
+
+    obj = _torch_load(torch, path)
+    if not isinstance(obj, Mapping):
+        raise ConversionError(
+            f"cannot read {path}: it holds a {type(obj).__name__}, not a mapping of tensor names to tensors"
+        )
+    flat = _flatten(_unwrap(obj, torch.Tensor), torch.Tensor, path)
+    return {k: _torch_to_numpy(v, path, k) for k, v in flat.items()}
+
+
+def _torch_load(torch: Any, path: Path) -> Any:
+    """`torch.load` with weights_only=True (never False: arbitrary pickles can run code).
+
+    mmap=True avoids a second copy of multi-GB files, but only works for the zip format; legacy
+    (pre-1.6) pickles raise, and are then read without it.
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ConversionError(
+                f"cannot read {path}: it is not a plain tensor state dict; torch.load(weights_only=True) "
+                f"refused it ({_weights_only_reason(e)}). weights_only=True is required for safety, because "
+                "loading arbitrary pickles can execute code. If you trust the file, re-save just its tensors, "
+                "e.g. torch.save(model.state_dict(), ...) or as .safetensors."
+            ) from e
+        raise ConversionError(
+            f"cannot read {path}: it is truncated or not a PyTorch checkpoint ({_brief(e)})"
+        ) from e
+    except Exception as e:
+        raise ConversionError(
+            f"cannot read {path}: it is truncated or not a PyTorch checkpoint ({_brief(e)})"
+        ) from e
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """The useful line of torch's long weights_only message, e.g. 'Unsupported global: GLOBAL foo.Bar ...'."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            reason = line.removeprefix("WeightsUnpickler error:").strip()
+            reason = reason or (lines[i + 1] if i + 1 < len(lines) else "")
+            return reason.split(" was not an allowed global")[0][:200]
+    return _brief(e)
+
+
+def _unwrap(obj: Mapping, tensor_type: type) -> Mapping:
+    """Descend through `{"state_dict": {...}, "global_step": 3}`-style wrappers.
+
+    Only when the current level holds no tensors itself: a real state dict may well contain a tensor named
+    `model` or `module`, and that must not be mistaken for a wrapper.
+    """
+    while not any(isinstance(v, tensor_type) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    return obj
+
+
+def _flatten(obj: Mapping, tensor_type: type, path: Path, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings of tensors become dotted names (IP-Adapter .bin: `image_proj.*`, `ip_adapter.*`).
+
+    Non-tensor leaves (step counters, config strings, lists) are dropped.
+    """
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, tensor_type):
+            items = {name: value}
+        elif isinstance(value, Mapping):
+            items = _flatten(value, tensor_type, path, prefix=f"{name}.")
+        else:
+            continue
+        for k, v in items.items():
+            if k in out:
+                raise ConversionError(f"cannot read {path}: tensor name {k!r} occurs twice after flattening")
+            out[k] = v
+    return out
+
+
+def _torch_to_numpy(t: Any, path: Path, key: str) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        # .float() first: numpy has no bfloat16, and fp16 weights are upcast anyway.
+        return t.to(torch.float32).numpy()
+    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+        raise ConversionError(f"{path}: tensor {key!r} has unsupported type {t.dtype} / {t.layout}")
+    return t.numpy()
+
+
+def _to_numpy(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if np.issubdtype(a.dtype, np.floating):
+        return a.astype(np.float32, copy=False)
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        return a
+    raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {a.dtype}")
+
+
+def _strip_common_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    if tensors and all(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_safetensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write `{name: array}` to `path` atomically (temp file in the same folder, then os.replace).
+
+    A crash mid-write therefore never leaves a half-written file under the final name.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ConversionError(f"cannot write {path}: safetensors metadata must map str to str")
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise ConversionError(f"cannot write {path}: tensor name {name!r} is not a string")
+        arrays[name] = np.ascontiguousarray(np.asarray(value))  # safetensors needs C-contiguous buffers
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, Exception):  # disk full, unsupported dtype, ...; let KeyboardInterrupt through
+            raise ConversionError(f"cannot write {path}: {_brief(e)}") from e
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp folder next to `path`; move it to `path` only if the body succeeds.
+
+    On any exception the temp folder is deleted, so a failed conversion leaves nothing behind (and an
+    existing output is left untouched). An existing `path` is refused up front unless `overwrite`.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConversionError(
+            f"output {path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        _move_into_place(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    if not path.exists() and not path.is_symlink():
+        os.rename(tmp, path)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise ConversionError(
+            f"output {path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    # Move the old output aside first so that `path` is never missing the old AND the new content.
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old / "content")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.replace(old / "content", path)  # put the old output back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+_WEIGHT_PATTERNS = (
+    "{stem}.safetensors",
+    "{stem}.safetensors.index.json",
+    "{stem}.bin",
+    "{stem}.bin.index.json",
+    "{stem}.fp16.safetensors",
+    "{stem}.fp16.bin",
+    # diffusers' naming for sharded fp16 variants
+    "{stem}.safetensors.index.fp16.json",
+    "{stem}.bin.index.fp16.json",
+)
+
+
+def find_weights_file(folder: str | os.PathLike, stem: str | Sequence[str]) -> Path:
+    """The weights file of a diffusers/transformers model folder, in order of preference.
+
+    `stem` is `diffusion_pytorch_model` (unet, vae, controlnet) or, for transformers, `("model",
+    "pytorch_model")`. fp32 files beat fp16 variants; safetensors beats pickles within the same precision.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"no such folder: {folder}")
+    stems = [stem] if isinstance(stem, str) else list(stem)
+    candidates = [pattern.format(stem=s) for pattern in _WEIGHT_PATTERNS for s in stems]
+    for name in candidates:
+        if (folder / name).is_file():
+            return folder / name
+    present = sorted(p.name for p in folder.iterdir())
+    raise ConversionError(
+        f"no weights file in {folder}: looked for {', '.join(candidates)}; the folder holds: "
+        f"{_preview(present) if present else '(nothing)'}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+def _brief(e: BaseException, limit: int = 200) -> str:
+    """First line of an underlying error, shortened: torch's messages run to paragraphs."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _preview(items: Sequence[str], limit: int = 20) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
