@@ -1,0 +1,173 @@
+"""SD 1.5-size UNet forward on this machine: xdyna-jax vs diffusers PyTorch, same weights, one run.
+
+    python bench/unet_cpu.py                       # 64x64 and 112x64 latents, batch 1, context 77x768, fp32
+    python bench/unet_cpu.py --sizes 64x64 --repeats 5 --attention chunked
+
+Random SD 1.5 weights are made once with torch (seeded), written to a temporary safetensors file and
+converted for JAX, so both sides hold the same numbers. Each (framework, size) runs in its own process so
+its peak RSS is its own; JAX also reports XLA's compiled temp memory. GFLOP/s uses the FLOP count of XLA's
+cost analysis for both sides. The outputs of the two are compared as a sanity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _inputs(h: int, w: int):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, h, w, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 77, 768)).astype(np.float32)
+    return x, ctx, np.array([500], dtype=np.int32)
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()  # warm-up (and compile, for JAX)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_torch(weights: str, h: int, w: int, repeats: int, out: str) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    model = UNet2DConditionModel(cross_attention_dim=768).eval()
+    model.load_state_dict(load_file(weights))
+    x, ctx, t = _inputs(h, w)
+    xt, ct, tt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ctx), torch.from_numpy(t).long()
+    result = {}
+
+    def run():
+        with torch.inference_mode():
+            result["y"] = model(xt, tt, ct).sample
+
+    times = _time(run, repeats)
+    np.save(out, result["y"].numpy().transpose(0, 2, 3, 1))
+    return {"times": times, "threads": torch.get_num_threads()}
+
+
+def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: str, chunk: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from convert.io import read_state_dict
+    from convert.state import load_torch_state
+    from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from xdyna_jax.nn.compute import Compute
+
+    cfg = UNetConfig(compute=Compute(attention=attention, attention_chunk=chunk))
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    load_torch_state(model, read_state_dict(weights), source=weights)
+    graph, params = nnx.split(model)
+    fwd = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c))
+    x, ctx, t = (jnp.asarray(a) for a in _inputs(h, w))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, x, t, ctx).compile()
+    compile_s = time.perf_counter() - t0
+    result = {}
+
+    def run():
+        result["y"] = compiled(params, x, t, ctx).block_until_ready()
+
+    times = _time(run, repeats)
+    np.save(out, np.asarray(result["y"]))
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        "times": times,
+        "compile_s": compile_s,
+        "xla_temp_gib": mem.temp_size_in_bytes / 2**30,
+        "flops": float(cost.get("flops", 0.0)),
+        "devices": jax.device_count(),
+    }
+
+
+def _make_weights(path: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(cross_attention_dim=768)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _spawn(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=os.environ)
+    if proc.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="64x64,112x64", help="latent HxW list")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attention", default="xla", help="JAX attention backend (xla | chunked | dot_product)")
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--worker", choices=("torch", "jax"), help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+
+    if a.worker:  # child process: one framework, one size
+        (h, w), = sizes
+        if a.worker == "torch":
+            res = worker_torch(a.weights, h, w, a.repeats, a.out)
+        else:
+            res = worker_jax(a.weights, h, w, a.repeats, a.out, a.attention, a.chunk)
+        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(res))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "unet.safetensors"
+        print("making random SD 1.5 UNet weights ...", flush=True)
+        _make_weights(weights)
+        rows = []
+        for h, w in sizes:
+            common = ["--weights", str(weights), "--sizes", f"{h}x{w}", "--repeats", str(a.repeats)]
+            pt = _spawn(["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
+            jx = _spawn(["--worker", "jax", "--out", f"{tmp}/jx.npy", "--attention", a.attention,
+                         "--chunk", str(a.chunk), *common])
+            y_pt, y_jx = np.load(f"{tmp}/pt.npy"), np.load(f"{tmp}/jx.npy")
+            err = float(np.abs(y_pt - y_jx).max() / np.abs(y_pt).max())
+            mp, mj = statistics.median(pt["times"]), statistics.median(jx["times"])
+            gflop = jx["flops"] / 1e9
+            rows.append((f"{h}x{w}", mp, mj, mj / mp, gflop / mp, gflop / mj, pt["peak_rss_gib"],
+                         jx["peak_rss_gib"], jx["xla_temp_gib"], jx["compile_s"], err))
+            print(f"{h}x{w}: torch {pt['times']}  jax {jx['times']}  (torch threads {pt['threads']}, "
+                  f"jax devices {jx['devices']}, {gflop:.0f} GFLOP)", flush=True)
+
+    head = ("latent", "torch s", "jax s", "jax/torch", "torch GFLOP/s", "jax GFLOP/s", "torch peak GiB",
+            "jax peak GiB", "jax XLA temp GiB", "jax compile s", "rel err")
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | **{r[3]:.2f}** | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.2f} | "
+              f"{r[7]:.2f} | {r[8]:.2f} | {r[9]:.1f} | {r[10]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
