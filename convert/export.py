@@ -56,8 +56,11 @@ def export_diffusers(src: Path, output: Path, overwrite: bool = False) -> Path:
             _write_component(src, tmp)
             return output
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
-        classes = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                   "text_encoder": ["transformers", "CLIPTextModel"]}
+        classes = {
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+        }
         for part in PIPELINE_PARTS:
             if (src / part).is_dir():
                 _write_component(src / part, tmp / part)
@@ -77,18 +80,24 @@ def single_file_state(src: Path) -> dict[str, np.ndarray]:
     """The SD 1.x single-file state dict of a converted pipeline folder (unet + vae + text_encoder)."""
     missing = [p for p in PIPELINE_PARTS if not (src / p / "model.json").is_file()]
     if missing:
-        raise ConversionError(f"{src}: single-file export needs the bundles {missing} (a `convert sd15` output)")
+        raise ConversionError(
+            f"{src}: single-file export needs the bundles {missing} (a `convert sd15` output)"
+        )
     out: dict[str, np.ndarray] = {}
     unet = _load(src / "unet")
     cfg = unet.config
     attention = tuple(t.startswith("CrossAttn") for t in cfg.down_block_types)
     unet_state = ldm_keys.diffusers_unet_to_ldm(
-        export_torch_state(unet), layers_per_block=cfg.layers_per_block, n_blocks=len(attention),
+        export_torch_state(unet),
+        layers_per_block=cfg.layers_per_block,
+        n_blocks=len(attention),
         attention_blocks=attention,
     )
     out.update({ldm_keys.UNET_PREFIX + k: v for k, v in unet_state.items()})
     vae = _load(src / "vae")
-    vae_state = ldm_keys.diffusers_vae_to_ldm(export_torch_state(vae), n_blocks=len(vae.config.block_out_channels))
+    vae_state = ldm_keys.diffusers_vae_to_ldm(
+        export_torch_state(vae), n_blocks=len(vae.config.block_out_channels)
+    )
     out.update({ldm_keys.VAE_PREFIX + k: v for k, v in vae_state.items()})
     clip_state = ldm_keys.diffusers_clip_to_ldm(export_clip_text_state(_load(src / "text_encoder")))
     out.update({ldm_keys.CLIP_PREFIX + k: v for k, v in clip_state.items()})

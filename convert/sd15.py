@@ -32,8 +32,12 @@ from xdyna_jax.schedulers import DDIMConfig
 
 # SD 1.5's own scheduler settings, written when the source carries no scheduler config (single files).
 SD15_SCHEDULER = DDIMConfig(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-    set_alpha_to_one=False, clip_sample=False,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
 )
 
 
@@ -69,7 +73,9 @@ def read_diffusers_folder(src: Path) -> dict[str, Part]:
             raise ConversionError(f"{src} is not a diffusers Stable Diffusion folder: {src / sub} is missing")
     parts = {}
     f = find_weights_file(src / "unet", "diffusion_pytorch_model")
-    parts["unet"] = Part(_config(UNetConfig.from_diffusers, src / "unet/config.json"), read_state_dict(f), str(f))
+    parts["unet"] = Part(
+        _config(UNetConfig.from_diffusers, src / "unet/config.json"), read_state_dict(f), str(f)
+    )
     f = find_weights_file(src / "vae", "diffusion_pytorch_model")
     vae_state = ldm_keys.normalize_legacy_vae_keys(read_state_dict(f))
     parts["vae"] = Part(_config(VAEConfig.from_diffusers, src / "vae/config.json"), vae_state, str(f))
@@ -93,7 +99,9 @@ def _sd15_configs(
     to_k = _shape(unet, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", source)
     proj_in = _shape(unet, "input_blocks.1.1.proj_in.weight", source)
     unet_cfg = UNetConfig(
-        in_channels=cin, block_out_channels=(mc, 2 * mc, 4 * mc, 4 * mc), cross_attention_dim=to_k[1],
+        in_channels=cin,
+        block_out_channels=(mc, 2 * mc, 4 * mc, 4 * mc),
+        cross_attention_dim=to_k[1],
         use_linear_projection=len(proj_in) == 2,
     )
     vocab, hidden = _shape(clip, "text_model.embeddings.token_embedding.weight", source)
@@ -101,8 +109,12 @@ def _sd15_configs(
     layers = 1 + max(int(k.split(".")[3]) for k in clip if k.startswith("text_model.encoder.layers."))
     inter = _shape(clip, "text_model.encoder.layers.0.mlp.fc1.weight", source)[0]
     clip_cfg = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, max_position_embeddings=positions,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=positions,
     )
     vc = _shape(vae, "encoder.conv_in.weight", source)[0]
     vae_cfg = VAEConfig(block_out_channels=(vc, 2 * vc, 4 * vc, 4 * vc))

@@ -25,20 +25,48 @@ from convert.sd15 import convert_sd15
 from convert.state import export_torch_state
 
 TINY_UNET = dict(
-    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    sample_size=8,
 )
-TINY_VAE = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                 vocab_size=1000, max_position_embeddings=77)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    layers_per_block=1,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
+TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    max_position_embeddings=77,
+)
 # SD 1.5's structure at 1/10 width: what a single file without --config-from is read as.
 NARROW_UNET = dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, sample_size=8)
-NARROW_VAE = dict(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-NARROW_CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
-                   vocab_size=1000, max_position_embeddings=77)
+NARROW_VAE = dict(
+    block_out_channels=(32, 64, 128, 128),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+)
+NARROW_CLIP = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=1,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    max_position_embeddings=77,
+)
 
 
 def make_models(unet_kw, vae_kw, clip_kw, seed=0):
@@ -62,8 +90,14 @@ def write_diffusers_folder(folder, models):
 def single_file_state(models, n_blocks, attention_blocks, layers_per_block):
     unet, vae, clip = (torch_state(m) for m in models)
     sd = {}
-    sd.update({ldm_keys.UNET_PREFIX + k: v for k, v in ldm_keys.diffusers_unet_to_ldm(
-        unet, layers_per_block=layers_per_block, n_blocks=n_blocks, attention_blocks=attention_blocks).items()})
+    sd.update(
+        {
+            ldm_keys.UNET_PREFIX + k: v
+            for k, v in ldm_keys.diffusers_unet_to_ldm(
+                unet, layers_per_block=layers_per_block, n_blocks=n_blocks, attention_blocks=attention_blocks
+            ).items()
+        }
+    )
     sd.update({ldm_keys.VAE_PREFIX + k: v for k, v in ldm_keys.diffusers_vae_to_ldm(vae).items()})
     sd.update({ldm_keys.CLIP_PREFIX + k: v for k, v in ldm_keys.diffusers_clip_to_ldm(clip).items()})
     return sd
@@ -126,10 +160,17 @@ def test_single_file_matches_folder(tiny, tmp_path, fmt):
     if fmt == "safetensors":
         save_file(sd, str(path))
     else:
-        torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, "global_step": 1},
-                   path)
-    out = convert_sd15(path, tmp_path / "out", config_from=tiny["folder"], tokenizer=tiny["folder"] / "tokenizer",
-                       progress=False)
+        torch.save(
+            {"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, "global_step": 1},
+            path,
+        )
+    out = convert_sd15(
+        path,
+        tmp_path / "out",
+        config_from=tiny["folder"],
+        tokenizer=tiny["folder"] / "tokenizer",
+        progress=False,
+    )
     got, expected = bundle_states(out), bundle_states(tiny["converted"])
     for part in expected:
         assert_states_equal(got[part], expected[part])
@@ -154,7 +195,10 @@ def test_export_diffusers_loads_in_diffusers_bit_exact(tiny, tmp_path):
     clip = torch_state(TorchCLIP.from_pretrained(out / "text_encoder"))
     assert_states_equal(clip, tiny["states"]["text_encoder"])
     index = json.loads((out / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and (out / "tokenizer" / "merges.txt").is_file()
+    assert (
+        index["unet"] == ["diffusers", "UNet2DConditionModel"]
+        and (out / "tokenizer" / "merges.txt").is_file()
+    )
     DDIMScheduler.from_pretrained(out / "scheduler")
 
 
@@ -179,8 +223,10 @@ def test_folder_missing_component(tiny, tmp_path):
 
 def test_checkpoint_of_another_kind(tiny, tmp_path):
     path = tmp_path / "vae_only.safetensors"
-    save_file({ldm_keys.VAE_PREFIX + k: v for k, v in ldm_keys.diffusers_vae_to_ldm(tiny["states"]["vae"]).items()},
-              str(path))
+    save_file(
+        {ldm_keys.VAE_PREFIX + k: v for k, v in ldm_keys.diffusers_vae_to_ldm(tiny["states"]["vae"]).items()},
+        str(path),
+    )
     with pytest.raises(ConversionError, match="vae_only|diffusion_model"):
         convert_sd15(path, tmp_path / "out", progress=False)
     assert_nothing_written(tmp_path / "out")
@@ -213,7 +259,9 @@ def test_unexpected_and_missing_keys_listed(tiny, tmp_path):
     sd["extra.weight"] = np.zeros(3, np.float32)
     del sd["conv_out.bias"]
     save_file(sd, str(f))
-    with pytest.raises(ConversionError, match=r"(?s)missing keys \(1\): conv_out\.bias.*unexpected keys \(1\): extra"):
+    with pytest.raises(
+        ConversionError, match=r"(?s)missing keys \(1\): conv_out\.bias.*unexpected keys \(1\): extra"
+    ):
         convert_sd15(folder, tmp_path / "out", progress=False)
 
 

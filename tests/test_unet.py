@@ -35,7 +35,10 @@ CONFIGS = {
 }
 
 
-def build_pair(name, seed=0, compute=Compute(precision="highest")):
+HIGHEST = Compute(precision="highest")
+
+
+def build_pair(name, seed=0, compute=HIGHEST):
     kwargs = CONFIGS[name]
     torch.manual_seed(seed)
     ref = TorchUNet(in_channels=4, out_channels=4, sample_size=16, **kwargs).eval()
@@ -78,7 +81,9 @@ def test_unet_controlnet_residuals_match_diffusers():
                 mid_block_additional_residual=nchw(mid),
             ).sample
         )
-    got = model(jnp.asarray(x), jnp.asarray([500]), jnp.asarray(ctx), [jnp.asarray(d) for d in down], jnp.asarray(mid))
+    got = model(
+        jnp.asarray(x), jnp.asarray([500]), jnp.asarray(ctx), [jnp.asarray(d) for d in down], jnp.asarray(mid)
+    )
     assert rel_err(got, expected) < 1e-5
 
 

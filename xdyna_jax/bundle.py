@@ -53,7 +53,9 @@ def kind_of(module: nnx.Module) -> str:
     for kind, (mod, _, model_name) in KINDS.items():
         if type(module).__module__ == mod and type(module).__name__ == model_name:
             return kind
-    raise BundleError(f"cannot save a {type(module).__name__}: not a registered bundle kind ({sorted(KINDS)})")
+    raise BundleError(
+        f"cannot save a {type(module).__name__}: not a registered bundle kind ({sorted(KINDS)})"
+    )
 
 
 def save(module: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -65,7 +67,7 @@ def save(module: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        params = nnx.state(module, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "weights", params)
         checkpointer.wait_until_finished()
@@ -88,7 +90,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise BundleError(f"{meta_file} is not valid JSON: {e}") from e
     if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise BundleError(
+            f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -110,7 +114,9 @@ def _target(abstract_params: dict, sharding: Sharding) -> dict:
 
     if sharding is None:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract_params)
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract_params
+        )
     return jax.tree_util.tree_map_with_path(leaf, abstract_params)
 
 
@@ -131,10 +137,12 @@ def load(
     if expected_kind is not None and meta["kind"] != expected_kind:
         raise BundleError(f"{path} holds a {meta['kind']!r} bundle, expected {expected_kind!r}")
     model = build_abstract(path, compute)
-    abstract = nnx.state(model, nnx.Param).to_pure_dict()
+    state = nnx.state(model, nnx.Param)
+    abstract = nnx.to_pure_dict(state)
     try:
         restored = ocp.StandardCheckpointer().restore(path / "weights", _target(abstract, sharding))
     except Exception as e:  # orbax raises many types; one message naming the bundle is what users need
         raise BundleError(f"cannot restore weights of {path}: {e}") from e
-    nnx.update(model, nnx.State(restored) if not isinstance(restored, nnx.State) else restored)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
     return model

@@ -140,7 +140,9 @@ class UNet2DConditionModel(nnx.Module):
                 )
             )
         self.down_blocks = nnx.List(down)
-        self.mid_block = MidBlock(ch[-1], heads=heads[-1], transformer_layers=tl, cfg=cfg, compute=compute, rngs=rngs)
+        self.mid_block = MidBlock(
+            ch[-1], heads=heads[-1], transformer_layers=tl, cfg=cfg, compute=compute, rngs=rngs
+        )
 
         up = []
         rch, rheads = ch[::-1], heads[::-1]
@@ -167,7 +169,9 @@ class UNet2DConditionModel(nnx.Module):
     def time_embed(self, timesteps: jax.Array, batch: int) -> jax.Array:
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
         feats = timestep_features(
-            t, self.config.block_out_channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
+            t,
+            self.config.block_out_channels[0],
+            flip_sin_to_cos=self.config.flip_sin_to_cos,
             freq_shift=self.config.freq_shift,
         )
         return self.time_embedding(feats.astype(self.config.compute.jnp_dtype))

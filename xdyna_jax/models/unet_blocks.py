@@ -3,11 +3,9 @@ UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D / UpBlock2D), NHWC."""
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from xdyna_jax.nn.transformer import Transformer2DModel
 
@@ -41,8 +39,12 @@ def _resnet(cin, cout, cfg, compute, rngs, scale=1.0):
 class DownBlock(nnx.Module):
     """`layers` (resnet [+ transformer]) pairs, then an optional stride-2 downsampler."""
 
-    def __init__(self, cin, cout, *, cross_attn, layers, heads, transformer_layers, add_down, cfg, compute, rngs):
-        self.resnets = nnx.List([_resnet(cin if i == 0 else cout, cout, cfg, compute, rngs) for i in range(layers)])
+    def __init__(
+        self, cin, cout, *, cross_attn, layers, heads, transformer_layers, add_down, cfg, compute, rngs
+    ):
+        self.resnets = nnx.List(
+            [_resnet(cin if i == 0 else cout, cout, cfg, compute, rngs) for i in range(layers)]
+        )
         self.attentions = (
             nnx.List([_attention(cout, heads, cfg, compute, rngs, transformer_layers) for _ in range(layers)])
             if cross_attn
@@ -86,7 +88,19 @@ class UpBlock(nnx.Module):
     """`layers` resnets each fed concat(x, skip) [+ transformer], then an optional nearest-2x upsampler."""
 
     def __init__(
-        self, cin, cout, prev_cout, *, cross_attn, layers, heads, transformer_layers, add_up, cfg, compute, rngs
+        self,
+        cin,
+        cout,
+        prev_cout,
+        *,
+        cross_attn,
+        layers,
+        heads,
+        transformer_layers,
+        add_up,
+        cfg,
+        compute,
+        rngs,
     ):
         def res_in(i):
             skip = cin if i == layers - 1 else cout
@@ -121,6 +135,3 @@ def check_block_types(down: tuple[str, ...], up: tuple[str, ...]) -> None:
     for t in up:
         if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
             raise ValueError(f"unsupported up block type {t!r}")
-
-
-

@@ -87,12 +87,17 @@ class Transformer2DModel(nnx.Module):
             raise ValueError(f"{heads} attention heads do not divide {channels} channels")
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(channels, groups, 1e-6)
-        make_proj = (lambda: linear(channels, channels, compute, rngs)) if use_linear_projection else (
-            lambda: conv(channels, channels, 1, compute, rngs)
+        make_proj = (
+            (lambda: linear(channels, channels, compute, rngs))
+            if use_linear_projection
+            else (lambda: conv(channels, channels, 1, compute, rngs))
         )
         self.proj_in = make_proj()
         self.transformer_blocks = nnx.List(
-            [BasicTransformerBlock(channels, heads, cross_attention_dim, compute, rngs) for _ in range(num_layers)]
+            [
+                BasicTransformerBlock(channels, heads, cross_attention_dim, compute, rngs)
+                for _ in range(num_layers)
+            ]
         )
         self.proj_out = make_proj()
 
