@@ -1,11 +1,21 @@
-"""Command line: `python -m convert <source> --input ... --output ...` (see README)."""
+"""Command line: `python -m convert <source> --input ... --output ...` (see README).
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> Path`;
+register it in COMMANDS (name -> (module, one-line help)).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from convert.io import ConversionError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sd15": ("convert.sd15", "Stable Diffusion 1.x (diffusers folder or single file) -> bundles"),
+    "export": ("convert.export", "bundles -> diffusers folder or SD single file"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -13,49 +23,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m convert", description="PyTorch checkpoints <-> xdyna-jax bundles"
     )
     sub = p.add_subparsers(dest="command", required=True)
-
-    sd = sub.add_parser("sd15", help="Stable Diffusion 1.x (diffusers folder or single file) -> bundles")
-    sd.add_argument(
-        "--input", required=True, help="diffusers SD1.5 folder, or a .safetensors/.ckpt single file"
-    )
-    sd.add_argument("--output", required=True, help="output folder (unet/, vae/, text_encoder/, tokenizer/)")
-    sd.add_argument("--tokenizer", help="tokenizer folder (vocab.json, merges.txt) for a single-file input")
-    sd.add_argument(
-        "--config-from", help="diffusers folder whose config.json files describe a non-SD1.5 single file"
-    )
-    sd.add_argument(
-        "--use-ema", action="store_true", help="single file: take the UNet from its model_ema.* copy"
-    )
-    sd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-
-    ex = sub.add_parser("export", help="bundles -> diffusers folder or SD single file")
-    ex.add_argument("--input", required=True, help="a `convert sd15` output folder, or one bundle")
-    ex.add_argument(
-        "--output", required=True, help="output folder (diffusers) or .safetensors file (single-file)"
-    )
-    ex.add_argument("--layout", choices=("diffusers", "single-file"), default="diffusers")
-    ex.add_argument("--overwrite", action="store_true")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "sd15":
-            from convert.sd15 import convert_sd15
-
-            out = convert_sd15(
-                args.input,
-                args.output,
-                tokenizer=args.tokenizer,
-                config_from=args.config_from,
-                use_ema=args.use_ema,
-                overwrite=args.overwrite,
-            )
-        else:
-            from convert.export import export
-
-            out = export(args.input, args.output, args.layout, overwrite=args.overwrite)
+        out = importlib.import_module(COMMANDS[args.command][0]).run(args)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

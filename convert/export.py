@@ -122,3 +122,16 @@ def export(input: str | Path, output: str | Path, layout: str, overwrite: bool =
     if layout == "single-file":
         return export_single_file(src, output, overwrite)
     raise ConversionError(f"unknown layout {layout!r}; use 'diffusers' or 'single-file'")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--input", required=True, help="a `convert sd15` output folder, or one bundle")
+    p.add_argument(
+        "--output", required=True, help="output folder (diffusers) or .safetensors file (single-file)"
+    )
+    p.add_argument("--layout", choices=("diffusers", "single-file"), default="diffusers")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args) -> Path:
+    return export(args.input, args.output, args.layout, overwrite=args.overwrite)

@@ -211,3 +211,29 @@ def convert_sd15(
         manifest["tokenizer"] = str(Path(tokenizer).absolute()) if tokenizer else None
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return output
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--input", required=True, help="diffusers SD1.5 folder, or a .safetensors/.ckpt single file"
+    )
+    p.add_argument("--output", required=True, help="output folder (unet/, vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--tokenizer", help="tokenizer folder (vocab.json, merges.txt) for a single-file input")
+    p.add_argument(
+        "--config-from", help="diffusers folder whose config.json files describe a non-SD1.5 single file"
+    )
+    p.add_argument(
+        "--use-ema", action="store_true", help="single file: take the UNet from its model_ema.* copy"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run(args) -> Path:
+    return convert_sd15(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        config_from=args.config_from,
+        use_ema=args.use_ema,
+        overwrite=args.overwrite,
+    )
