@@ -35,3 +35,13 @@ def nchw(x_nhwc: np.ndarray):
 
 def nhwc(t) -> np.ndarray:
     return t.detach().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def jitted(model):
+    """model's __call__ under jax.jit (tiny models run op by op are slower than one compile)."""
+    import jax
+    from flax import nnx
+
+    graph, state = nnx.split(model)
+    fn = jax.jit(lambda s, *a, **k: nnx.merge(graph, s)(*a, **k), static_argnames=("ip_scale",))
+    return lambda *a, **k: fn(state, *a, **k)

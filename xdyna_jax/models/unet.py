@@ -13,6 +13,7 @@ from xdyna_jax.models.unet_blocks import (
     DownBlock,
     MidBlock,
     UpBlock,
+    VideoSpec,
     block_has_cross_attention,
     check_block_types,
 )
@@ -45,6 +46,21 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0
     use_linear_projection: bool = False
     sample_size: int | None = 64
+    # --- video / X-Dyna (not diffusers UNet2DConditionModel fields) ---
+    # resnet GroupNorms and conv_norm_out pool statistics over all frames of a clip (AnimateDiff v1 and the
+    # X-Dyna release); off = per frame (AnimateDiff v2/v3, diffusers' UNetMotionModel).
+    groupnorm_over_frames: bool = False
+    dynamics_adapter: bool = False  # X-Dyna's reference branch in every attn1 (frame 0 = reference)
+    ip_adapter_tokens: int = 0  # > 0: attn2 has IP-Adapter to_k_ip/to_v_ip for the last N context tokens
+    motion_modules: bool = False  # AnimateDiff temporal modules after each resnet/transformer pair
+    motion_mid_block: bool = False  # v2 also has one in the mid block
+    motion_max_len: int = 32  # positional-encoding length: 24 (v1, X-Dyna) or 32 (v2, v3)
+    motion_heads: int = 8
+    motion_norm_groups: int = 32
+    # diffusers' AnimateDiffTransformer3D pools the motion GroupNorm over frames; the original AnimateDiff
+    # code (and so X-Dyna) normalises each frame. Default: the original.
+    motion_groupnorm_across_frames: bool = False
+    skip_reference_frame: bool = False  # X-Dyna's cross_id: frame 0 bypasses the motion modules
     compute: Compute = Compute()
 
     def __post_init__(self):
@@ -58,6 +74,12 @@ class UNetConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: norm_num_groups={self.norm_num_groups} does not divide {c}")
+        if self.ip_adapter_tokens < 0:
+            raise ValueError(f"UNetConfig: ip_adapter_tokens must be >= 0, got {self.ip_adapter_tokens}")
+
+    @property
+    def is_video(self) -> bool:
+        return self.groupnorm_over_frames or self.dynamics_adapter or self.motion_modules
 
     @property
     def time_embed_dim(self) -> int:
@@ -102,9 +124,25 @@ class UNetConfig:
         return config_from_dict(cls, {**data, "layers_per_block": layers, "compute": compute or Compute()})
 
     def to_diffusers(self) -> dict:
+        """diffusers unet/config.json of the 2-D part (video fields are ours and are left out)."""
         d = self.to_dict()
-        d.pop("compute")
+        for name in _VIDEO_FIELDS + ("compute",):
+            d.pop(name)
         return {"_class_name": "UNet2DConditionModel", **d, "act_fn": "silu", "center_input_sample": False}
+
+
+_VIDEO_FIELDS = (
+    "groupnorm_over_frames",
+    "dynamics_adapter",
+    "ip_adapter_tokens",
+    "motion_modules",
+    "motion_mid_block",
+    "motion_max_len",
+    "motion_heads",
+    "motion_norm_groups",
+    "motion_groupnorm_across_frames",
+    "skip_reference_frame",
+)
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -183,35 +221,65 @@ class UNet2DConditionModel(nnx.Module):
         encoder_hidden_states: jax.Array,
         down_residuals: list[jax.Array] | tuple[jax.Array, ...] | None = None,
         mid_residual: jax.Array | None = None,
+        *,
+        ip_scale: float = 1.0,
     ) -> jax.Array:
-        if sample.ndim != 4 or sample.shape[-1] != self.config.in_channels:
+        """sample (B, H, W, C) or a clip (B, F, H, W, C); timesteps (B,) or scalar; context (B, L, D).
+
+        ControlNet residuals may be per image (B*F, ...) or per clip (B, F, ...). Returns sample's shape.
+        """
+        cfg = self.config
+        video = sample.ndim == 5
+        if sample.ndim not in (4, 5) or sample.shape[-1] != cfg.in_channels:
             raise ValueError(
-                f"UNet expects sample (B, H, W, {self.config.in_channels}) in NHWC, got {tuple(sample.shape)}"
+                f"UNet expects sample (B, H, W, {cfg.in_channels}) or (B, F, H, W, {cfg.in_channels}) in NHWC, "
+                f"got {tuple(sample.shape)}"
             )
-        dtype = self.config.compute.jnp_dtype
-        x = sample.astype(dtype)
-        context = encoder_hidden_states.astype(dtype)
-        temb = self.time_embed(timesteps, x.shape[0])
+        if cfg.is_video and not video:
+            raise ValueError(
+                f"this UNet is a video model; pass a clip (B, F, H, W, C), got {tuple(sample.shape)}"
+            )
+        b, frames = sample.shape[0], (sample.shape[1] if video else 1)
+        dtype = cfg.compute.jnp_dtype
+        x = sample.reshape(b * frames, *sample.shape[-3:]).astype(dtype)
+        context = jnp.repeat(encoder_hidden_states.astype(dtype), frames, axis=0)
+        temb = jnp.repeat(self.time_embed(timesteps, b), frames, axis=0)
+        spec = VideoSpec(
+            frames=frames,
+            norm_fn=_clip_norm(b, frames) if cfg.groupnorm_over_frames else None,
+            ip_scale=ip_scale,
+            skip_reference=cfg.skip_reference_frame,
+        )
 
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
+            x, block_skips = block(x, temb, context, spec)
             skips.extend(block_skips)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
-            skips = [s + r.astype(dtype) for s, r in zip(skips, down_residuals, strict=True)]
+            skips = [s + r.reshape(s.shape).astype(dtype) for s, r in zip(skips, down_residuals, strict=True)]
 
-        x = self.mid_block(x, temb, context)
+        x = self.mid_block(x, temb, context, spec)
         if mid_residual is not None:
-            x = x + mid_residual.astype(dtype)
+            x = x + mid_residual.reshape(x.shape).astype(dtype)
 
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, block_skips, temb, context, upsample_size=size)
+            x = block(x, block_skips, temb, context, upsample_size=size, spec=spec)
 
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
-        return x.astype(jnp.float32)
+        norm = spec.norm_fn or (lambda n, h: n(h))
+        x = self.conv_out(jax.nn.silu(norm(self.conv_norm_out, x)))
+        return x.astype(jnp.float32).reshape(sample.shape[:-1] + (cfg.out_channels,))
+
+
+def _clip_norm(batch: int, frames: int):
+    """GroupNorm with statistics over every frame of a clip: normalise (B, F, H, W, C), not (B*F, H, W, C)."""
+
+    def norm(module, h):
+        return module(h.reshape(batch, frames, *h.shape[1:])).reshape(h.shape)
+
+    return norm

@@ -3,11 +3,29 @@ UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D / UpBlock2D), NHWC."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from xdyna_jax.nn.transformer import Transformer2DModel
+
+
+class VideoSpec(NamedTuple):
+    """How a call treats the frames folded into the batch (index b*frames + f; frame 0 = reference).
+
+    norm_fn: how resnet GroupNorms pool statistics (None: per frame); see ResnetBlock2D.
+    """
+
+    frames: int = 1
+    norm_fn: Callable | None = None
+    ip_scale: float = 1.0
+    skip_reference: bool = False
+
+
+PLAIN = VideoSpec()
 
 
 def _attention(channels, heads, cfg, compute, rngs, num_layers):
@@ -18,9 +36,43 @@ def _attention(channels, heads, cfg, compute, rngs, num_layers):
         groups=cfg.norm_num_groups,
         use_linear_projection=cfg.use_linear_projection,
         num_layers=num_layers,
+        dynamics_adapter=getattr(cfg, "dynamics_adapter", False),
+        ip_tokens=getattr(cfg, "ip_adapter_tokens", 0),
         compute=compute,
         rngs=rngs,
     )
+
+
+def _motion_modules(channels, count, cfg, compute, rngs):
+    """AnimateDiff temporal modules after each (resnet, transformer) pair, when the config asks for them."""
+    if not getattr(cfg, "motion_modules", False):
+        return None
+    from xdyna_jax.nn.motion import VanillaTemporalModule
+
+    return nnx.List(
+        [
+            VanillaTemporalModule(
+                channels,
+                heads=cfg.motion_heads,
+                max_len=cfg.motion_max_len,
+                norm_groups=cfg.motion_norm_groups,
+                groupnorm_across_frames=cfg.motion_groupnorm_across_frames,
+                compute=compute,
+                rngs=rngs,
+            )
+            for _ in range(count)
+        ]
+    )
+
+
+def _pair(block, i, x, temb, context, spec):
+    """resnet i, then its transformer and motion module if the block has them."""
+    x = block.resnets[i](x, temb, spec.norm_fn)
+    if block.attentions is not None:
+        x = block.attentions[i](x, context, spec.frames, spec.ip_scale)
+    if block.motion_modules is not None:
+        x = block.motion_modules[i](x, spec.frames, spec.skip_reference)
+    return x
 
 
 def _resnet(cin, cout, cfg, compute, rngs, scale=1.0):
@@ -55,13 +107,12 @@ class DownBlock(nnx.Module):
             if add_down
             else None
         )
+        self.motion_modules = _motion_modules(cout, layers, cfg, compute, rngs)
 
-    def __call__(self, x, temb, context, norm_fn=None):
+    def __call__(self, x, temb, context, spec: VideoSpec = PLAIN):
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, norm_fn)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
+        for i in range(len(self.resnets)):
+            x = _pair(self, i, x, temb, context, spec)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -76,11 +127,19 @@ class MidBlock(nnx.Module):
         scale = cfg.mid_block_scale_factor
         self.resnets = nnx.List([_resnet(channels, channels, cfg, compute, rngs, scale) for _ in range(2)])
         self.attentions = nnx.List([_attention(channels, heads, cfg, compute, rngs, transformer_layers)])
+        self.motion_modules = (
+            _motion_modules(channels, 1, cfg, compute, rngs)
+            if getattr(cfg, "motion_mid_block", False)
+            else None
+        )
 
-    def __call__(self, x, temb, context, norm_fn=None):
-        x = self.resnets[0](x, temb, norm_fn)
-        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, context), temb, norm_fn)
+    def __call__(self, x, temb, context, spec: VideoSpec = PLAIN):
+        x = self.resnets[0](x, temb, spec.norm_fn)
+        for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:], strict=True)):
+            x = attn(x, context, spec.frames, spec.ip_scale)
+            if self.motion_modules is not None:
+                x = self.motion_modules[i](x, spec.frames, spec.skip_reference)
+            x = resnet(x, temb, spec.norm_fn)
         return x
 
 
@@ -113,12 +172,11 @@ class UpBlock(nnx.Module):
             else None
         )
         self.upsamplers = nnx.List([Upsample2D(cout, cout, compute=compute, rngs=rngs)]) if add_up else None
+        self.motion_modules = _motion_modules(cout, layers, cfg, compute, rngs)
 
-    def __call__(self, x, skips, temb, context, upsample_size=None, norm_fn=None):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb, norm_fn)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
+    def __call__(self, x, skips, temb, context, upsample_size=None, spec: VideoSpec = PLAIN):
+        for i in range(len(self.resnets)):
+            x = _pair(self, i, jnp.concatenate([x, skips.pop()], axis=-1), temb, context, spec)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x

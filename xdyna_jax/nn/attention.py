@@ -55,3 +55,78 @@ class Attention(nnx.Module):
         ctx = x if context is None else context
         out = self.attend(self.to_q(x), self.to_k(ctx), self.to_v(ctx))
         return self.to_out[0](out)
+
+
+class AdapterSelfAttention(Attention):
+    """X-Dyna's Dynamics-Adapter in `attn1`: per-frame self-attention plus a reference branch.
+
+        out = to_out.0(Attn(Q, K, V)) + to_out_ff(Attn(Q', K_R, V_R))
+
+    Q' = to_q_ff(h) is a trainable copy of to_q (initialised equal to it); K_R, V_R are the frozen to_k/to_v
+    of frame 0 (the reference) of the same clip, shared by every frame (frame 0 attends to itself too).
+    `to_out_ff` (Linear with bias) starts at zero, so a fresh adapter leaves the UNet unchanged.
+    """
+
+    def __init__(self, query_dim: int, *, heads: int, dim_head: int, compute: Compute, rngs: nnx.Rngs):
+        super().__init__(query_dim, heads=heads, dim_head=dim_head, compute=compute, rngs=rngs)
+        inner = heads * dim_head
+        self.to_q_ff = linear(query_dim, inner, compute, rngs, bias=False)
+        self.to_q_ff.kernel.set_value(self.to_q.kernel.get_value())
+        self.to_out_ff = linear(inner, query_dim, compute, rngs)
+        self.to_out_ff.kernel.set_value(jax.numpy.zeros_like(self.to_out_ff.kernel.get_value()))
+
+    def __call__(self, x: jax.Array, frames: int = 1) -> jax.Array:
+        bf, n, _ = x.shape
+        k, v = self.to_k(x), self.to_v(x)
+        out = self.to_out[0](self.attend(self.to_q(x), k, v))
+        # Attention is independent per query row, so all F*N queries of a clip can attend to the
+        # reference's N keys in one call instead of broadcasting K_R, V_R to every frame.
+        b = bf // frames
+        q_ref = self.to_q_ff(x).reshape(b, frames * n, -1)
+        k_ref = k.reshape(b, frames, n, -1)[:, 0]
+        v_ref = v.reshape(b, frames, n, -1)[:, 0]
+        ref = self.attend(q_ref, k_ref, v_ref).reshape(bf, n, -1)
+        return out + self.to_out_ff(ref)
+
+
+class IPCrossAttention(Attention):
+    """`attn2` with IP-Adapter: Attn(q, to_k(text), to_v(text)) + scale * Attn(q, to_k_ip(img), to_v_ip(img)).
+
+    The context is [text tokens ; `ip_tokens` image tokens] along the sequence axis, as X-Dyna passes it.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int,
+        ip_tokens: int,
+        compute: Compute,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            query_dim,
+            heads=heads,
+            dim_head=dim_head,
+            cross_attention_dim=cross_attention_dim,
+            compute=compute,
+            rngs=rngs,
+        )
+        inner = heads * dim_head
+        self.ip_tokens = ip_tokens
+        self.to_k_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
+        self.to_v_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
+
+    def __call__(self, x: jax.Array, context: jax.Array, ip_scale: float = 1.0) -> jax.Array:
+        if context.shape[1] <= self.ip_tokens:
+            raise ValueError(
+                f"IP-Adapter attention expects [text ; {self.ip_tokens} image tokens], got a context of "
+                f"{context.shape[1]} tokens"
+            )
+        text, image = context[:, : -self.ip_tokens], context[:, -self.ip_tokens :]
+        q = self.to_q(x)
+        out = self.attend(q, self.to_k(text), self.to_v(text))
+        out = out + ip_scale * self.attend(q, self.to_k_ip(image), self.to_v_ip(image))
+        return self.to_out[0](out)

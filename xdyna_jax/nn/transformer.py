@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from xdyna_jax.nn.attention import Attention
+from xdyna_jax.nn.attention import AdapterSelfAttention, Attention, IPCrossAttention
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import conv, linear
 from xdyna_jax.nn.norms import GroupNorm, LayerNorm
@@ -41,27 +41,45 @@ class FeedForward(nnx.Module):
 
 
 class BasicTransformerBlock(nnx.Module):
-    """x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x))."""
+    """x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
 
-    def __init__(self, dim: int, heads: int, cross_attention_dim: int, compute: Compute, rngs: nnx.Rngs):
+    dynamics_adapter: attn1 is X-Dyna's AdapterSelfAttention (needs `frames`, frame 0 = reference).
+    ip_tokens > 0: attn2 is IP-Adapter cross-attention over the last `ip_tokens` context tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        cross_attention_dim: int,
+        compute: Compute,
+        rngs: nnx.Rngs,
+        *,
+        dynamics_adapter: bool = False,
+        ip_tokens: int = 0,
+    ):
         dim_head = dim // heads
         self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, compute=compute, rngs=rngs)
+        self_attn = AdapterSelfAttention if dynamics_adapter else Attention
+        self.attn1 = self_attn(dim, heads=heads, dim_head=dim_head, compute=compute, rngs=rngs)
         self.norm2 = LayerNorm(dim)
-        self.attn2 = Attention(
-            dim,
-            heads=heads,
-            dim_head=dim_head,
-            cross_attention_dim=cross_attention_dim,
-            compute=compute,
-            rngs=rngs,
-        )
+        cross = dict(heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim, compute=compute)
+        if ip_tokens:
+            self.attn2 = IPCrossAttention(dim, ip_tokens=ip_tokens, rngs=rngs, **cross)
+        else:
+            self.attn2 = Attention(dim, rngs=rngs, **cross)
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, compute, rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def __call__(self, x: jax.Array, context: jax.Array, frames: int = 1, ip_scale: float = 1.0) -> jax.Array:
+        h = self.norm1(x)
+        x = x + (self.attn1(h, frames) if isinstance(self.attn1, AdapterSelfAttention) else self.attn1(h))
+        h = self.norm2(x)
+        x = x + (
+            self.attn2(h, context, ip_scale)
+            if isinstance(self.attn2, IPCrossAttention)
+            else self.attn2(h, context)
+        )
         return x + self.ff(self.norm3(x))
 
 
@@ -80,6 +98,8 @@ class Transformer2DModel(nnx.Module):
         groups: int,
         use_linear_projection: bool,
         num_layers: int = 1,
+        dynamics_adapter: bool = False,
+        ip_tokens: int = 0,
         compute: Compute,
         rngs: nnx.Rngs,
     ):
@@ -95,17 +115,25 @@ class Transformer2DModel(nnx.Module):
         self.proj_in = make_proj()
         self.transformer_blocks = nnx.List(
             [
-                BasicTransformerBlock(channels, heads, cross_attention_dim, compute, rngs)
+                BasicTransformerBlock(
+                    channels,
+                    heads,
+                    cross_attention_dim,
+                    compute,
+                    rngs,
+                    dynamics_adapter=dynamics_adapter,
+                    ip_tokens=ip_tokens,
+                )
                 for _ in range(num_layers)
             ]
         )
         self.proj_out = make_proj()
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, frames: int = 1, ip_scale: float = 1.0) -> jax.Array:
         b, h, w, c = x.shape
         # A 1x1 conv on NHWC and a Linear on the flattened tokens are the same op: both leave the
         # layout alone, so the only difference is which parameter shape the checkpoint carries.
         hidden = self.proj_in(self.norm(x)).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context)
+            hidden = block(hidden, context, frames, ip_scale)
         return self.proj_out(hidden.reshape(b, h, w, c)) + x
