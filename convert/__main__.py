@@ -14,7 +14,15 @@ from convert.io import ConversionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "sd15": ("convert.sd15", "Stable Diffusion 1.x (diffusers folder or single file) -> bundles"),
+    "controlnet": ("convert.controlnet", "ControlNet checkpoint <-> controlnet bundle"),
+    "ip-adapter": ("convert.ip_adapter", "IP-Adapter-plus .bin + CLIP image encoder -> bundles"),
     "export": ("convert.export", "bundles -> diffusers folder or SD single file"),
+    "animatediff": (
+        "convert.animatediff",
+        "AnimateDiff motion modules + SD 1.5 UNet bundle -> video UNet bundle",
+    ),
+    "xdyna-unet": ("convert.xdyna_unet", "official X-Dyna UNet checkpoint -> video UNet bundle"),
+    "xdyna": ("convert.xdyna", "the whole X-Dyna release (+ SD 1.5 + IP-Adapter-plus) -> one X-Dyna bundle"),
 }
 
 

@@ -23,7 +23,11 @@ from convert.state import export_torch_state
 from xdyna_jax.bundle import BundleError, read_meta
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder")
-_WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "clip_text": "model"}
+# kinds with no diffusers folder layout, and the function that writes their original layout
+_OWN_EXPORT = {
+    "resampler": "convert.ip_adapter.export_ip_adapter",
+}
+_WEIGHTS_NAME = {"clip_text": "model", "clip_vision": "model"}  # others: diffusion_pytorch_model
 
 
 def _load(path: Path):
@@ -35,10 +39,14 @@ def _load(path: Path):
 
 def torch_state_and_config(bundle: Path) -> tuple[str, dict[str, np.ndarray], dict]:
     """(kind, PyTorch-named state dict, diffusers/transformers config.json dict) of one bundle."""
-    model = _load(bundle)
     kind = read_meta(bundle)["kind"]
+    if kind in _OWN_EXPORT:
+        raise ConversionError(f"{bundle} is a {kind!r} bundle; export it with {_OWN_EXPORT[kind]}")
+    model = _load(bundle)
     if kind == "clip_text":
         return kind, export_clip_text_state(model), model.config.to_transformers()
+    if kind == "clip_vision":
+        return kind, export_torch_state(model), model.config.to_transformers()
     return kind, export_torch_state(model), model.config.to_diffusers()
 
 

@@ -83,7 +83,8 @@ def load_torch_state(
         target = params[path]
         value = to_flax_layout(path[-1], np.asarray(state_dict[key]), len(target.shape))
         if tuple(value.shape) != tuple(target.shape):
-            mis_shaped.append(f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(target.shape)}")
+            model_shape = to_torch_layout(path[-1], np.empty(target.shape, np.bool_)).shape
+            mis_shaped.append(f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(model_shape)}")
             continue
         new_values[path] = value
     unexpected = [k for k in state_dict if k not in by_key and not any(r.search(k) for r in ignore_res)]

@@ -45,3 +45,20 @@ def jitted(model):
     graph, state = nnx.split(model)
     fn = jax.jit(lambda s, *a, **k: nnx.merge(graph, s)(*a, **k), static_argnames=("ip_scale",))
     return lambda *a, **k: fn(state, *a, **k)
+
+
+def random_torch_state(model_cls, config, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random PyTorch-named state dict for `model_cls(config)` without building the model eagerly
+    (eager NNX init compiles one XLA kernel per parameter shape: slow for SD-structured models)."""
+    from flax import nnx
+
+    from convert.state import to_torch_layout, torch_key
+
+    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        shape = to_torch_layout(path[-1], np.empty(var.shape, np.bool_)).shape
+        base = 1.0 if path[-1] == "scale" else 0.0
+        out[torch_key(path)] = (base + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+    return out

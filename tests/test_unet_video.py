@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as TorchUNet
-from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from flax import nnx
 from oracle import jitted, perturb_, rel_err, torch_state
 
@@ -24,16 +24,27 @@ from xdyna_jax.nn.compute import Compute
 B, FRAMES, H, W = 2, 3, 8, 8
 TEXT, IMG, CROSS = 5, 4, 16
 TINY = dict(
-    block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=CROSS, attention_head_dim=2,
-    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), in_channels=4, out_channels=4, sample_size=8,
+    block_out_channels=(32, 64),
+    norm_num_groups=8,
+    cross_attention_dim=CROSS,
+    attention_head_dim=2,
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    in_channels=4,
+    out_channels=4,
+    sample_size=8,
 )
 
 
 def sdpa(attn, q, k, v):
     b, heads = q.shape[0], attn.heads
     split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, -1, q.shape[-1])
+    return (
+        F.scaled_dot_product_attention(split(q), split(k), split(v))
+        .transpose(1, 2)
+        .reshape(b, -1, q.shape[-1])
+    )
 
 
 class AdapterProcessor(torch.nn.Module):
@@ -136,7 +147,9 @@ def test_xdyna_unet_matches_equations(pair, ip_scale):
     x, text, img, t = inputs()
     with torch.no_grad():
         expected = torch_forward(ref, x, text, img, t, ip_scale).numpy()
-    got = jitted(model)(jnp.asarray(x), jnp.asarray(t), jnp.concatenate([text, img], axis=1), ip_scale=ip_scale)
+    got = jitted(model)(
+        jnp.asarray(x), jnp.asarray(t), jnp.concatenate([text, img], axis=1), ip_scale=ip_scale
+    )
     assert got.shape == (B, FRAMES, H, W, 4)
     assert rel_err(got, expected) < 1e-4
 
@@ -149,7 +162,10 @@ def test_adapter_gradients_match_autograd(pair):
     (out * torch.from_numpy(weights)).sum().backward()
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     proc = ref.get_submodule(name).processor
-    expected = {"to_q_ff": proc.to_q_ff.weight.grad.numpy().T, "to_out_ff": proc.to_out_ff.weight.grad.numpy().T}
+    expected = {
+        "to_q_ff": proc.to_q_ff.weight.grad.numpy().T,
+        "to_out_ff": proc.to_out_ff.weight.grad.numpy().T,
+    }
 
     graph, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -165,7 +181,9 @@ def test_adapter_gradients_match_autograd(pair):
 
 def test_fresh_adapter_is_plain_sd_per_frame():
     """to_out_ff starts at zero: with per-frame norms the video UNet equals the 2-D UNet on every frame."""
-    base = UNetConfig(**{k: v for k, v in TINY.items() if k != "sample_size"}, compute=Compute(precision="highest"))
+    base = UNetConfig(
+        **{k: v for k, v in TINY.items() if k != "sample_size"}, compute=Compute(precision="highest")
+    )
     plain = UNet2DConditionModel(base, rngs=nnx.Rngs(4))
     video = nnx.eval_shape(
         lambda: UNet2DConditionModel(dataclasses.replace(base, dynamics_adapter=True), rngs=nnx.Rngs(4))
@@ -181,7 +199,8 @@ def test_fresh_adapter_is_plain_sd_per_frame():
     x, text, _, t = inputs(5)
     got = jitted(video)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
     per_frame = jitted(plain)(
-        jnp.asarray(x.reshape(B * FRAMES, H, W, 4)), jnp.repeat(jnp.asarray(t), FRAMES),
+        jnp.asarray(x.reshape(B * FRAMES, H, W, 4)),
+        jnp.repeat(jnp.asarray(t), FRAMES),
         jnp.repeat(jnp.asarray(text), FRAMES, axis=0),
     )
     np.testing.assert_allclose(got.reshape(per_frame.shape), per_frame, rtol=1e-5, atol=1e-5)
@@ -189,7 +208,9 @@ def test_fresh_adapter_is_plain_sd_per_frame():
 
 def test_fresh_adapter_initialisation():
     cfg = UNetConfig(**{k: v for k, v in TINY.items() if k != "sample_size"}, dynamics_adapter=True)
-    attn1 = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)).down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn1 = (
+        UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)).down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    )
     np.testing.assert_array_equal(attn1.to_q_ff.kernel[...], attn1.to_q.kernel[...])
     assert not np.any(attn1.to_out_ff.kernel[...]) and not np.any(attn1.to_out_ff.bias[...])
 

@@ -32,6 +32,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "unet": ("xdyna_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
     "vae": ("xdyna_jax.models.vae", "VAEConfig", "AutoencoderKL"),
     "clip_text": ("xdyna_jax.models.clip_text", "CLIPTextConfig", "CLIPTextModel"),
+    "clip_vision": ("xdyna_jax.models.clip_vision", "CLIPVisionConfig", "CLIPVisionModelWithProjection"),
+    "resampler": ("xdyna_jax.models.resampler", "ResamplerConfig", "Resampler"),
+    "controlnet": ("xdyna_jax.models.controlnet", "ControlNetConfig", "ControlNetModel"),
 }
 
 Sharding = jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None

@@ -93,11 +93,15 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    """Causal multi-head self-attention with transformers' names (`q_proj`, `k_proj`, `v_proj`, `out_proj`)."""
+    """Multi-head self-attention with transformers' names (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
 
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs):
+    Causal for the text encoder; the vision tower (models/clip_vision.py) passes causal=False.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, *, causal: bool = True):
         d, compute = cfg.hidden_size, cfg.compute
         self.heads = cfg.num_attention_heads
+        self.causal = causal
         self.compute = compute
         self.q_proj = linear(d, d, compute, rngs)
         self.k_proj = linear(d, d, compute, rngs)
@@ -113,7 +117,7 @@ class CLIPAttention(nnx.Module):
             heads(self.k_proj(x)),
             heads(self.v_proj(x)),
             backend=self.compute.attention,
-            causal=True,
+            causal=self.causal,
             precision=self.compute.lax_precision,
             chunk_size=self.compute.attention_chunk,
         )
@@ -133,8 +137,8 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs):
-        self.self_attn = CLIPAttention(cfg, rngs)
+    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, *, causal: bool = True):
+        self.self_attn = CLIPAttention(cfg, rngs, causal=causal)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg, rngs)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
@@ -145,8 +149,10 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs, *, causal: bool = True):
+        self.layers = nnx.List(
+            [CLIPEncoderLayer(cfg, rngs, causal=causal) for _ in range(cfg.num_hidden_layers)]
+        )
 
 
 class CLIPTextModel(nnx.Module):

@@ -1,0 +1,1 @@
+"""Conditioning inputs: reference-image preprocessing for IP-Adapter and the ControlNets."""
