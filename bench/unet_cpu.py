@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xdyna_jax.nn.abstract import abstract_model
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -80,7 +82,7 @@ def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: 
     from xdyna_jax.nn.compute import Compute
 
     cfg = UNetConfig(compute=Compute(attention=attention, attention_chunk=chunk))
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, cfg)
     load_torch_state(model, read_state_dict(weights), source=weights)
     graph, params = nnx.split(model)
     fwd = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c))
@@ -117,7 +119,7 @@ def _flops(cfg, params, x, t, ctx) -> float:
     from xdyna_jax.models.unet import UNet2DConditionModel
 
     plain = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, attention="xla"))
-    graph, _ = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(plain, rngs=nnx.Rngs(0))))
+    graph, _ = nnx.split(abstract_model(UNet2DConditionModel, plain))
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, t, ctx))
     lowered = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c)).lower(*shapes)
     cost = lowered.compile().cost_analysis()

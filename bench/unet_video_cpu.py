@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xdyna_jax.nn.abstract import abstract_model
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -166,11 +168,10 @@ def _jax_weights(weights: str) -> dict:
 
 
 def _model(cfg):
-    from flax import nnx
 
     from xdyna_jax.models.unet import UNet2DConditionModel
 
-    return nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    return abstract_model(UNet2DConditionModel, cfg)
 
 
 def _jit(model):

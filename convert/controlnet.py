@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 import xdyna_jax
 from convert import ldm_keys
 from convert.export import export_diffusers
@@ -47,6 +45,7 @@ from convert.io import (
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.bundle import BundleError, read_meta
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from xdyna_jax.nn.abstract import abstract_model
 
 CONTROL_PREFIX = "control_model."
 # The rest of a v1.0 ControlLDM file: the SD model it was trained against (not part of the ControlNet).
@@ -290,7 +289,7 @@ def read_source(src: Path, config_from: Path | None = None) -> Source:
 
 
 def build(source: Source) -> ControlNetModel:
-    model = nnx.eval_shape(lambda: ControlNetModel(source.config, rngs=nnx.Rngs(0)))
+    model = abstract_model(ControlNetModel, source.config)
     try:
         return load_torch_state(model, source.state, source=f"{source.file} (controlnet)")
     except ConversionError as e:

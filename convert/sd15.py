@@ -16,7 +16,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flax import nnx
 from tqdm import tqdm
 
 import xdyna_jax
@@ -28,6 +27,7 @@ from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from xdyna_jax.models.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
 from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.schedulers import DDIMConfig
 
 # SD 1.5's own scheduler settings, written when the source carries no scheduler config (single files).
@@ -145,17 +145,17 @@ def read_single_file(path: Path, config_from: Path | None = None, use_ema: bool 
 
 
 def build_unet(part: Part) -> UNet2DConditionModel:
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(part.config, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, part.config)
     return load_torch_state(model, part.state, source=f"{part.source} (unet)")
 
 
 def build_vae(part: Part) -> AutoencoderKL:
-    model = nnx.eval_shape(lambda: AutoencoderKL(part.config, rngs=nnx.Rngs(0)))
+    model = abstract_model(AutoencoderKL, part.config)
     return load_torch_state(model, part.state, source=f"{part.source} (vae)")
 
 
 def build_text_encoder(part: Part) -> CLIPTextModel:
-    model = nnx.eval_shape(lambda: CLIPTextModel(part.config, rngs=nnx.Rngs(0)))
+    model = abstract_model(CLIPTextModel, part.config)
     return load_clip_text_state(model, part.state, source=f"{part.source} (text_encoder)")
 
 

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 import xdyna_jax
 from convert.animatediff_keys import check_pe, detect_motion_version
 from convert.io import ConversionError
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.motion import sinusoidal_table
 
 # AnimateDiff versions (checkpoint_formats.md section 2b): pe length, mid-block module, resnet GroupNorm
@@ -50,7 +50,7 @@ def motion_config(base: UNetConfig, version: str, **overrides) -> UNetConfig:
 
 
 def build_unet(config: UNetConfig, state: dict, source: str, ignore=PE_IGNORE) -> UNet2DConditionModel:
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, config)
     return load_torch_state(model, state, source=source, ignore=ignore)
 
 

@@ -108,7 +108,7 @@ def export_xdyna_unet(bundle: str | Path, output: str | Path) -> Path:
         import torch
 
         tmp = output.with_name(f".{output.name}.tmp")
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, tmp)
+        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, tmp)
         tmp.replace(output)
     else:
         raise ConversionError(f"export writes .safetensors or .ckpt/.pth; got {output}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xdyna_jax.nn.abstract import abstract_model
+
 
 def rel_err(actual, expected) -> float:
     """max |a - b| / max |b| (the metric of DESIGN.md section 6)."""
@@ -54,7 +56,7 @@ def random_torch_state(model_cls, config, seed: int = 0) -> dict[str, np.ndarray
 
     from convert.state import to_torch_layout, torch_key
 
-    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cls, config)
     rng = np.random.default_rng(seed)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):

@@ -21,6 +21,7 @@ from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
 from xdyna_jax.models.xdyna import load_xdyna
+from xdyna_jax.nn.abstract import abstract_model
 
 CROSS = 32
 XDYNA = UNetConfig(
@@ -44,7 +45,7 @@ def save_ckpt(state, path):
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
-    unet = nnx.eval_shape(lambda: UNet2DConditionModel(XDYNA, rngs=nnx.Rngs(0)))
+    unet = abstract_model(UNet2DConditionModel, XDYNA)
     unet_state = with_pe_buffers(unet, random_torch_state(UNet2DConditionModel, XDYNA, 0))
     save_ckpt(unet_state, root / "X-Dyna" / "unet-checkpoint-epoch-5.ckpt")
     for name, channels, seed in (

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
-from flax import nnx
 from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.compute import Compute
 
 CONFIGS = {
@@ -44,7 +44,7 @@ def build_pair(name, seed=0, compute=HIGHEST):
     ref = TorchUNet(in_channels=4, out_channels=4, sample_size=16, **kwargs).eval()
     perturb_(ref, seed)
     cfg = UNetConfig.from_diffusers(dict(ref.config), compute=compute)
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, cfg)
     load_torch_state(model, torch_state(ref), source=name)
     return ref, model
 

@@ -16,6 +16,7 @@ from oracle import jitted, perturb_, rel_err, torch_state
 from convert.animatediff_keys import diffusers_motion_to_original
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W, CROSS = 1, 4, 8, 8, 16
@@ -90,7 +91,7 @@ def build(version, skip_reference=False, seed=0):
         motion_groupnorm_across_frames=True,
         skip_reference_frame=skip_reference,
     )
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, cfg)
     return ref, load_torch_state(model, state, source=f"UNetMotionModel {version}")
 
 
@@ -125,7 +126,5 @@ def test_reference_frame_skips_motion_modules():
     # and the skip matters: the same weights without it give another answer
     plain = dataclasses.replace(model.config, skip_reference_frame=False)
     graph, state = nnx.split(model)
-    other = nnx.merge(
-        nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(plain, rngs=nnx.Rngs(0))))[0], state
-    )
+    other = nnx.merge(nnx.split(abstract_model(UNet2DConditionModel, plain))[0], state)
     assert compare(ref, other) > 1e-3

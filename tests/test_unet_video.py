@@ -19,6 +19,7 @@ from oracle import jitted, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W = 2, 3, 8, 8
@@ -112,7 +113,7 @@ def ours(ref, **overrides):
     cfg = UNetConfig.from_diffusers(dict(ref.config), compute=Compute(precision="highest"))
     video = dict(dynamics_adapter=True, groupnorm_over_frames=True, ip_adapter_tokens=IMG)
     cfg = dataclasses.replace(cfg, **{**video, **overrides})
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(UNet2DConditionModel, cfg)
     return load_torch_state(model, our_state(ref), source="reference")
 
 

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.compute import Compute
 
 FORMAT_VERSION = 1
@@ -106,7 +107,7 @@ def build_abstract(path: str | os.PathLike, compute: Compute | None = None) -> n
     config = cfg_cls.from_dict(meta["config"])
     if compute is not None:
         config = dataclasses.replace(config, compute=compute)
-    return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    return abstract_model(model_cls, config)
 
 
 def _target(abstract_params: dict, sharding: Sharding) -> dict:
