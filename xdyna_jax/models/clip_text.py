@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict
+from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.attention_ops import dot_product_attention
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import linear
@@ -27,7 +27,7 @@ ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(ConfigMixin):
     """transformers' CLIPTextConfig field names; defaults are SD 1.5's text_encoder/config.json."""
 
     vocab_size: int = 49408
@@ -59,23 +59,13 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, data: dict) -> CLIPTextConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
     def from_transformers(cls, cfg: dict, compute: Compute | None = None) -> CLIPTextConfig:
         """Read a transformers text_encoder/config.json dict (unknown keys such as dropout are ignored)."""
-        keep = {f.name for f in dataclasses.fields(cls)} - {"compute"}
-        data = {k: v for k, v in cfg.items() if k in keep and v is not None}
-        return config_from_dict(cls, {**data, "compute": compute or Compute()})
+        return cls.from_foreign(cfg, compute)
 
     def to_transformers(self) -> dict:
         """A config.json dict that transformers' CLIPTextConfig / CLIPTextModel.from_pretrained accept."""
-        d = self.to_dict()
-        d.pop("compute")
+        d = self.foreign_dict()
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **d}
 
 

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.models.clip_text import ACTIVATIONS, CLIPEncoder
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict
+from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import conv, linear
 from xdyna_jax.nn.norms import LayerNorm
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(ConfigMixin):
     """transformers' CLIPVisionConfig names; defaults are IP-Adapter's image_encoder (OpenCLIP ViT-H/14)."""
 
     hidden_size: int = 1280
@@ -65,23 +65,13 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @classmethod
-    def from_dict(cls, data: dict) -> CLIPVisionConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
     def from_transformers(cls, cfg: dict, compute: Compute | None = None) -> CLIPVisionConfig:
         """Read a transformers CLIPVisionModelWithProjection config.json dict (dropout etc. are ignored)."""
-        keep = {f.name for f in dataclasses.fields(cls)} - {"compute"}
-        data = {k: v for k, v in cfg.items() if k in keep and v is not None}
-        return config_from_dict(cls, {**data, "compute": compute or Compute()})
+        return cls.from_foreign(cfg, compute)
 
     def to_transformers(self) -> dict:
         """A config.json dict that transformers' CLIPVisionModelWithProjection.from_pretrained accepts."""
-        d = self.to_dict()
-        d.pop("compute")
+        d = self.foreign_dict()
         return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", **d}
 
 

@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict, require_default
+from xdyna_jax.models.config_utils import (
+    ConfigMixin,
+    heads_per_block,
+    require_default,
+)
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, block_has_cross_attention, check_block_types
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.embeddings import TimestepEmbedding, timestep_features
@@ -25,7 +29,7 @@ from xdyna_jax.nn.layers import conv
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig:
+class ControlNetConfig(ConfigMixin):
     """Architecture fields carry diffusers' config names; defaults are SD 1.5's (control_v11p_sd15_*).
 
     Also provides the fields DownBlock / MidBlock read off their `cfg` (cross_attention_dim, norm_num_groups,
@@ -87,15 +91,9 @@ class ControlNetConfig:
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
 
     def heads(self) -> tuple[int, ...]:
-        h = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return tuple(h) if isinstance(h, tuple) else (h,) * len(self.block_out_channels)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ControlNetConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
+        return heads_per_block(
+            self.num_attention_heads, self.attention_head_dim, len(self.block_out_channels)
+        )
 
     @classmethod
     def from_diffusers(cls, cfg: dict, compute: Compute | None = None) -> ControlNetConfig:
@@ -122,13 +120,10 @@ class ControlNetConfig:
                 if len(set(value)) != 1:
                     raise ValueError(f"{what}: per-block {key}={value} is not supported")
                 per_block[key] = value[0]
-        keep = {f.name for f in dataclasses.fields(cls)} - {"compute"}
-        data = {k: v for k, v in cfg.items() if k in keep}
-        return config_from_dict(cls, {**data, **per_block, "compute": compute or Compute()})
+        return cls.from_foreign(cfg, compute, drop_none=False, **per_block)
 
     def to_diffusers(self) -> dict:
-        d = self.to_dict()
-        d.pop("compute")
+        d = self.foreign_dict()
         return {
             "_class_name": "ControlNetModel",
             **d,

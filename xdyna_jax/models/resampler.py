@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict
+from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.attention_ops import dot_product_attention
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import linear
@@ -26,7 +26,7 @@ _EPS = 1e-5  # every LayerNorm of the Resampler is torch's default
 
 
 @dataclasses.dataclass(frozen=True)
-class ResamplerConfig:
+class ResamplerConfig(ConfigMixin):
     """IP-Adapter's Resampler arguments; defaults are ip-adapter-plus_sd15's."""
 
     dim: int = 768  # width of the latent queries
@@ -42,13 +42,6 @@ class ResamplerConfig:
     @property
     def inner_dim(self) -> int:
         return self.dim_head * self.heads
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ResamplerConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
 
 
 class GELU(nnx.Module):

@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict, require_default
+from xdyna_jax.models.config_utils import (
+    ConfigMixin,
+    heads_per_block,
+    require_default,
+)
 from xdyna_jax.models.unet_blocks import (
     DownBlock,
     MidBlock,
@@ -24,7 +28,7 @@ from xdyna_jax.nn.norms import GroupNorm
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigMixin):
     """Architecture fields carry diffusers' config names; defaults are SD 1.5's unet/config.json."""
 
     in_channels: int = 4
@@ -86,15 +90,9 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
     def heads(self) -> tuple[int, ...]:
-        h = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return tuple(h) if isinstance(h, tuple) else (h,) * len(self.block_out_channels)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UNetConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
+        return heads_per_block(
+            self.num_attention_heads, self.attention_head_dim, len(self.block_out_channels)
+        )
 
     @classmethod
     def from_diffusers(cls, cfg: dict, compute: Compute | None = None) -> UNetConfig:
@@ -119,15 +117,11 @@ class UNetConfig:
             if len(set(layers)) != 1:
                 raise ValueError(f"{what}: per-block layers_per_block={layers} is not supported")
             layers = layers[0]
-        keep = {f.name for f in dataclasses.fields(cls)} - {"compute", "layers_per_block"}
-        data = {k: v for k, v in cfg.items() if k in keep}
-        return config_from_dict(cls, {**data, "layers_per_block": layers, "compute": compute or Compute()})
+        return cls.from_foreign(cfg, compute, drop_none=False, layers_per_block=layers)
 
     def to_diffusers(self) -> dict:
         """diffusers unet/config.json of the 2-D part (video fields are ours and are left out)."""
-        d = self.to_dict()
-        for name in _VIDEO_FIELDS + ("compute",):
-            d.pop(name)
+        d = self.foreign_dict(*_VIDEO_FIELDS)
         return {"_class_name": "UNet2DConditionModel", **d, "act_fn": "silu", "center_input_sample": False}
 
 

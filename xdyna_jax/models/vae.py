@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import config_from_dict, config_to_dict, require_default
+from xdyna_jax.models.config_utils import ConfigMixin, require_default
 from xdyna_jax.nn.attention import Attention
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import conv
@@ -28,7 +28,7 @@ _LOGVAR_RANGE = (-30.0, 20.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ConfigMixin):
     """Architecture fields carry diffusers' config names; defaults are SD 1.5's vae/config.json."""
 
     in_channels: int = 3
@@ -70,13 +70,6 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, data: dict) -> VAEConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
     def from_diffusers(cls, cfg: dict, compute: Compute | None = None) -> VAEConfig:
         """Read a diffusers vae/config.json dict, refusing options this port does not implement.
 
@@ -87,13 +80,10 @@ class VAEConfig:
         require_default(cfg, "latents_mean", (None,), what)
         require_default(cfg, "latents_std", (None,), what)
         require_default(cfg, "act_fn", ("silu",), what)
-        keep = {f.name for f in dataclasses.fields(cls)} - {"compute"}
-        data = {k: v for k, v in cfg.items() if k in keep}
-        return config_from_dict(cls, {**data, "compute": compute or Compute()})
+        return cls.from_foreign(cfg, compute, drop_none=False)
 
     def to_diffusers(self) -> dict:
-        d = self.to_dict()
-        d.pop("compute")
+        d = self.foreign_dict()
         return {"_class_name": "AutoencoderKL", **d}
 
 
