@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +26,14 @@ from xdyna_jax.nn.abstract import abstract_model
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import spawn, time_calls, time_jitted  # noqa: E402
+
 
 def _inputs(h: int, w: int):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, h, w, 4)).astype(np.float32)
     ctx = rng.standard_normal((1, 77, 768)).astype(np.float32)
     return x, ctx, np.array([500], dtype=np.int32)
-
-
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (and compile, for JAX)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def worker_torch(weights: str, h: int, w: int, repeats: int, out: str) -> dict:
@@ -66,7 +55,7 @@ def worker_torch(weights: str, h: int, w: int, repeats: int, out: str) -> dict:
         with torch.inference_mode():
             result["y"] = model(xt, tt, ct).sample
 
-    times = _time(run, repeats)
+    times = time_calls(run, repeats)
     np.save(out, result["y"].numpy().transpose(0, 2, 3, 1))
     return {"times": times, "threads": torch.get_num_threads()}
 
@@ -87,16 +76,8 @@ def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: 
     graph, params = nnx.split(model)
     fwd = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c))
     x, ctx, t = (jnp.asarray(a) for a in _inputs(h, w))
-    t0 = time.perf_counter()
-    compiled = fwd.lower(params, x, t, ctx).compile()
-    compile_s = time.perf_counter() - t0
-    result = {}
-
-    def run():
-        result["y"] = compiled(params, x, t, ctx).block_until_ready()
-
-    times = _time(run, repeats)
-    np.save(out, np.asarray(result["y"]))
+    times, compile_s, compiled, y = time_jitted(fwd, params, (x, t, ctx), repeats)
+    np.save(out, np.asarray(y))
     mem = compiled.memory_analysis()
     return {
         "times": times,
@@ -137,13 +118,6 @@ def _make_weights(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=os.environ)
-    if proc.returncode:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="64x64,112x64", help="latent HxW list")
@@ -175,8 +149,9 @@ def main() -> None:
         rows = []
         for h, w in sizes:
             common = ["--weights", str(weights), "--sizes", f"{h}x{w}", "--repeats", str(a.repeats)]
-            pt = _spawn(["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
-            jx = _spawn(
+            pt = spawn(__file__, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
+            jx = spawn(
+                __file__,
                 [
                     "--worker",
                     "jax",
@@ -187,7 +162,7 @@ def main() -> None:
                     "--chunk",
                     str(a.chunk),
                     *common,
-                ]
+                ],
             )
             y_pt, y_jx = np.load(f"{tmp}/pt.npy"), np.load(f"{tmp}/jx.npy")
             err = float(np.abs(y_pt - y_jx).max() / np.abs(y_pt).max())

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,8 @@ from xdyna_jax.nn.abstract import abstract_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import spawn, time_calls, time_jitted  # noqa: E402
 
 # diffusers UNet2DConditionModel kwargs of the mid-size model (SD 1.5 block types by default).
 MID = dict(
@@ -62,16 +62,6 @@ def _inputs(frames: int, h: int, w: int):
     x = rng.standard_normal((1, frames, h, w, 4)).astype(np.float32)
     ctx = rng.standard_normal((1, TEXT_TOKENS, 768)).astype(np.float32)
     return x, ctx, np.array([500], dtype=np.int32)
-
-
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (and compile, for JAX)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _torch_model():
@@ -119,7 +109,7 @@ def worker_torch(weights: str, frames: int, h: int, w: int, repeats: int, out: s
         with torch.inference_mode():
             result["y"] = model(xt, tt, ct).sample
 
-    times = _time(run, repeats)
+    times = time_calls(run, repeats)
     np.save(out, result["y"].numpy().transpose(0, 2, 3, 4, 1))
     return {"times": times, "threads": torch.get_num_threads()}
 
@@ -212,16 +202,8 @@ def worker_jax(weights: str, frames: int, h: int, w: int, repeats: int, out: str
     model = load_torch_state(_model(_mid_config("chunked")), _jax_weights(weights), source=weights)
     fwd, params = _jit(model)
     x, ctx, t = (jnp.asarray(a) for a in _inputs(frames, h, w))
-    t0 = time.perf_counter()
-    compiled = fwd.lower(params, x, t, ctx).compile()
-    compile_s = time.perf_counter() - t0
-    result = {}
-
-    def run():
-        result["y"] = compiled(params, x, t, ctx).block_until_ready()
-
-    times = _time(run, repeats)
-    np.save(out, np.asarray(result["y"]))
+    times, compile_s, compiled, y = time_jitted(fwd, params, (x, t, ctx), repeats)
+    np.save(out, np.asarray(y))
     mem = compiled.memory_analysis()
     return {
         "times": times,
@@ -256,13 +238,6 @@ def worker_full() -> dict:
     }
 
 
-def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=os.environ)
-    if proc.returncode:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _run_worker(a, h: int, w: int) -> None:
     if a.worker == "torch":
         res = worker_torch(a.weights, a.frames, h, w, a.repeats, a.out)
@@ -281,8 +256,12 @@ def _compare(a, h: int, w: int) -> None:
         _make_weights(weights)
         common = ["--weights", str(weights), "--size", f"{h}x{w}", "--frames", str(a.frames)]
         common += ["--repeats", str(a.repeats), *(["--skip-flops"] if a.skip_flops else [])]
-        pt = None if a.skip_torch else _spawn(["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
-        jx = _spawn(["--worker", "jax", "--out", f"{tmp}/jx.npy", *common])
+        pt = (
+            None
+            if a.skip_torch
+            else spawn(__file__, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
+        )
+        jx = spawn(__file__, ["--worker", "jax", "--out", f"{tmp}/jx.npy", *common])
         y_jx = np.load(f"{tmp}/jx.npy")
         y_pt = None if pt is None else np.load(f"{tmp}/pt.npy")
     err = float(np.abs(y_pt - y_jx).max() / np.abs(y_pt).max()) if pt else float("nan")
@@ -304,7 +283,7 @@ def _compare(a, h: int, w: int) -> None:
 
 def _full(a) -> None:
     print("compiling the full-size X-Dyna UNet from shapes (xla + chunked attention) ...", flush=True)
-    r = _spawn(["--worker", "full"])
+    r = spawn(__file__, ["--worker", "full"])
     tflop = r["flops"] / 1e12
     (h, w), f, b = FULL_LATENT, FULL_FRAMES, FULL_BATCH
     head = ("latent", "F", "batch", "params (M)", "TFLOP/call", f"TFLOP/{STEPS} steps", "params GiB")

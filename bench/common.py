@@ -1,0 +1,41 @@
+"""What the benchmarks share: timing a call, running a worker in its own process, timing a jitted call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of fn after one warm-up call (which also compiles, for JAX)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def spawn(script: str, args: list[str]) -> dict:
+    """Run `script` with `args` in a fresh process (its own peak RSS) and parse the JSON of its last line."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=os.environ)
+    if proc.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_jitted(fwd, params, inputs: tuple, repeats: int) -> tuple[list[float], float, object, object]:
+    """(times, compile seconds, compiled executable, output) of the jitted fwd(params, *inputs)."""
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, *inputs).compile()
+    compile_s = time.perf_counter() - t0
+    result = {}
+
+    def run():
+        result["y"] = compiled(params, *inputs).block_until_ready()
+
+    return time_calls(run, repeats), compile_s, compiled, result["y"]
