@@ -11,7 +11,7 @@ import numpy as np
 import xdyna_jax
 from convert.animatediff_keys import check_pe, detect_motion_version
 from convert.io import ConversionError
-from convert.state import export_torch_state, load_torch_state
+from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
 from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.motion import sinusoidal_table
@@ -41,7 +41,8 @@ def resolve_version(sd: dict, requested: str | None, source: str) -> str:
             f"{source}: --version {requested} given, but the weights are AnimateDiff {found}"
         )
     version = requested or found
-    check_pe(sd, VERSIONS[version]["motion_max_len"]) if found else None
+    if found:  # the pe buffers present must be the sinusoidal table of this version's length
+        check_pe(sd, VERSIONS[version]["motion_max_len"])
     return version
 
 
@@ -71,7 +72,3 @@ def with_pe_buffers(model: UNet2DConditionModel, state: dict[str, np.ndarray]) -
 def save_with_manifest(model, tmp: Path, manifest: dict) -> None:
     xdyna_jax.save(model, tmp / "unet")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def torch_state(model) -> dict[str, np.ndarray]:
-    return export_torch_state(model)

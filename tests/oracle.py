@@ -64,3 +64,15 @@ def random_torch_state(model_cls, config, seed: int = 0) -> dict[str, np.ndarray
         base = 1.0 if path[-1] == "scale" else 0.0
         out[torch_key(path)] = (base + 0.05 * rng.standard_normal(shape)).astype(np.float32)
     return out
+
+
+# The small two-block UNet most tests use (diffusers' own unit-test shape, cross-attention width 16).
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    norm_num_groups=8,
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)

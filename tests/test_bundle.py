@@ -9,19 +9,12 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from oracle import TINY_UNET
 
 import xdyna_jax
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-TINY = UNetConfig(
-    block_out_channels=(32, 64),
-    norm_num_groups=8,
-    cross_attention_dim=16,
-    attention_head_dim=2,
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)
+TINY = UNetConfig(**TINY_UNET)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import MotionAdapter
 from flax import nnx
-from oracle import perturb_, torch_state
+from oracle import TINY_UNET, perturb_, torch_state
 from safetensors.numpy import load_file
 
 import xdyna_jax
@@ -137,15 +137,7 @@ def test_bad_inputs(release, tmp_path):
         jax.eval_shape(call, params, jax.ShapeDtypeStruct((1, 26, 8, 8, 4), jnp.float32))
 
 
-TINY_2D = UNetConfig(
-    block_out_channels=(32, 64),
-    norm_num_groups=8,
-    cross_attention_dim=16,
-    attention_head_dim=2,
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)
+TINY_2D = UNetConfig(**TINY_UNET)
 
 
 @pytest.fixture(scope="module")

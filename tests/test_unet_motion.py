@@ -11,7 +11,7 @@ import torch
 from diffusers import MotionAdapter, UNetMotionModel
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
-from oracle import jitted, perturb_, rel_err, torch_state
+from oracle import TINY_UNET, jitted, perturb_, rel_err, torch_state
 
 from convert.animatediff_keys import diffusers_motion_to_original
 from convert.state import load_torch_state
@@ -20,18 +20,7 @@ from xdyna_jax.nn.abstract import abstract_model
 from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W, CROSS = 1, 4, 8, 8, 16
-TINY = dict(
-    block_out_channels=(32, 64),
-    norm_num_groups=8,
-    cross_attention_dim=CROSS,
-    attention_head_dim=2,
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    in_channels=4,
-    out_channels=4,
-    sample_size=8,
-)
+TINY = dict(TINY_UNET, in_channels=4, out_channels=4, sample_size=8)
 
 
 class SkipReference(torch.nn.Module):

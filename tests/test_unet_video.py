@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from flax import nnx
-from oracle import jitted, perturb_, rel_err, torch_state
+from oracle import TINY_UNET, jitted, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -24,18 +24,7 @@ from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W = 2, 3, 8, 8
 TEXT, IMG, CROSS = 5, 4, 16
-TINY = dict(
-    block_out_channels=(32, 64),
-    norm_num_groups=8,
-    cross_attention_dim=CROSS,
-    attention_head_dim=2,
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    in_channels=4,
-    out_channels=4,
-    sample_size=8,
-)
+TINY = dict(TINY_UNET, in_channels=4, out_channels=4, sample_size=8)
 
 
 def sdpa(attn, q, k, v):
