@@ -83,35 +83,42 @@ def _split(sd: Mapping[str, Any], extra: tuple[str, ...]) -> tuple[dict, dict]:
     return encoder, {k: v for k, v in sd.items() if k.startswith(extra)}
 
 
-def _hint_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """input_hint_block / zero_convs / middle_block_out -> diffusers names (see the module docstring)."""
-    hint = [int(m.group(1)) for k in sd if (m := re.match(r"input_hint_block\.(\d+)\.", k))]
-    last = max(hint, default=0)
+def _rename_all(sd: Mapping[str, Any], rename, what: str) -> dict[str, Any]:
+    """Apply `rename(key) -> new key | None` to every key; one error lists the keys with no mapping."""
     out, unmapped = {}, []
     for key, value in sd.items():
-        new = None
-        if m := re.fullmatch(r"input_hint_block\.(\d+)\.(weight|bias)", key):
-            i, leaf = int(m.group(1)), m.group(2)
-            if i == 0:
-                new = f"controlnet_cond_embedding.conv_in.{leaf}"
-            elif i == last:
-                new = f"controlnet_cond_embedding.conv_out.{leaf}"
-            elif i % 2 == 0:
-                new = f"controlnet_cond_embedding.blocks.{i // 2 - 1}.{leaf}"
-        elif m := re.fullmatch(r"zero_convs\.(\d+)\.0\.(weight|bias)", key):
-            new = f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"
-        elif m := re.fullmatch(r"middle_block_out\.0\.(weight|bias)", key):
-            new = f"controlnet_mid_block.{m.group(1)}"
+        new = rename(key)
         if new is None:
             unmapped.append(key)
         else:
             out[new] = value
     if unmapped:
         raise ConversionError(
-            f"original ControlNet -> diffusers: {len(unmapped)} key(s) have no mapping: "
-            + ", ".join(sorted(unmapped)[:20])
+            f"{what}: {len(unmapped)} key(s) have no mapping: " + ", ".join(sorted(unmapped)[:20])
         )
     return out
+
+
+def _hint_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """input_hint_block / zero_convs / middle_block_out -> diffusers names (see the module docstring)."""
+    hint = [int(m.group(1)) for k in sd if (m := re.match(r"input_hint_block\.(\d+)\.", k))]
+    last = max(hint, default=0)
+
+    def rename(key: str) -> str | None:
+        if m := re.fullmatch(r"input_hint_block\.(\d+)\.(weight|bias)", key):
+            i, leaf = int(m.group(1)), m.group(2)
+            if i == 0:
+                return f"controlnet_cond_embedding.conv_in.{leaf}"
+            if i == last:
+                return f"controlnet_cond_embedding.conv_out.{leaf}"
+            return f"controlnet_cond_embedding.blocks.{i // 2 - 1}.{leaf}" if i % 2 == 0 else None
+        if m := re.fullmatch(r"zero_convs\.(\d+)\.0\.(weight|bias)", key):
+            return f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"
+        if m := re.fullmatch(r"middle_block_out\.0\.(weight|bias)", key):
+            return f"controlnet_mid_block.{m.group(1)}"
+        return None
+
+    return _rename_all(sd, rename, "original ControlNet -> diffusers")
 
 
 def _hint_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,29 +127,21 @@ def _hint_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
         int(m.group(1)) for k in sd if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))
     ]
     n = max(blocks, default=-1) + 1
-    out, unmapped = {}, []
-    for key, value in sd.items():
-        new = None
+
+    def rename(key: str) -> str | None:
         if m := re.fullmatch(r"controlnet_cond_embedding\.conv_in\.(weight|bias)", key):
-            new = f"input_hint_block.0.{m.group(1)}"
-        elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)", key):
-            new = f"input_hint_block.{2 * int(m.group(1)) + 2}.{m.group(2)}"
-        elif m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(weight|bias)", key):
-            new = f"input_hint_block.{2 * n + 2}.{m.group(1)}"
-        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
-            new = f"zero_convs.{m.group(1)}.0.{m.group(2)}"
-        elif m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
-            new = f"middle_block_out.0.{m.group(1)}"
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    if unmapped:
-        raise ConversionError(
-            f"diffusers ControlNet -> original: {len(unmapped)} key(s) have no mapping: "
-            + ", ".join(sorted(unmapped)[:20])
-        )
-    return out
+            return f"input_hint_block.0.{m.group(1)}"
+        if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)", key):
+            return f"input_hint_block.{2 * int(m.group(1)) + 2}.{m.group(2)}"
+        if m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(weight|bias)", key):
+            return f"input_hint_block.{2 * n + 2}.{m.group(1)}"
+        if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
+            return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+        if m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
+            return f"middle_block_out.0.{m.group(1)}"
+        return None
+
+    return _rename_all(sd, rename, "diffusers ControlNet -> original")
 
 
 def original_to_diffusers(sd: Mapping[str, Any], config: ControlNetConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import oracle
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
@@ -24,16 +25,7 @@ from convert.io import ConversionError
 from convert.sd15 import convert_sd15
 from convert.state import export_torch_state
 
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    sample_size=8,
-)
+TINY_UNET = dict(oracle.TINY_UNET, cross_attention_dim=32, sample_size=8)
 TINY_VAE = dict(
     block_out_channels=(8, 16),
     norm_num_groups=4,
