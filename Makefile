@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python bench/unet_cpu.py
+	$(BIN)/python -m bench.unet_cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -20,9 +20,11 @@ def time_calls(fn, repeats: int) -> list[float]:
     return times
 
 
-def spawn(script: str, args: list[str]) -> dict:
-    """Run `script` with `args` in a fresh process (its own peak RSS) and parse the JSON of its last line."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=os.environ)
+def spawn(module: str, args: list[str]) -> dict:
+    """Run `python -m module args` in a fresh process (its own peak RSS); parse the JSON of its last line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=os.environ
+    )
     if proc.returncode:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

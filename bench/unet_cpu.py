@@ -1,7 +1,7 @@
 """SD 1.5-size UNet forward on this machine: xdyna-jax vs diffusers PyTorch, same weights, one run.
 
-    python bench/unet_cpu.py                       # 64x64 and 112x64 latents, batch 1, context 77x768, fp32
-    python bench/unet_cpu.py --sizes 64x64 --repeats 5 --attention chunked
+    python -m bench.unet_cpu                       # 64x64 and 112x64 latents, batch 1, context 77x768, fp32
+    python -m bench.unet_cpu --sizes 64x64 --repeats 5 --attention chunked
 
 Random SD 1.5 weights are made once with torch (seeded), written to a temporary safetensors file and
 converted for JAX, so both sides hold the same numbers. Each (framework, size) runs in its own process so
@@ -15,18 +15,13 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from xdyna_jax.nn.abstract import abstract_model
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import spawn, time_calls, time_jitted  # noqa: E402
+from bench.common import spawn, time_calls, time_jitted
+from xdyna_jax.nn.shape_only import shape_only_model
 
 
 def _inputs(h: int, w: int):
@@ -67,11 +62,11 @@ def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: 
 
     from convert.io import read_state_dict
     from convert.state import load_torch_state
-    from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from xdyna_jax.models.unet import UNet, UNetConfig
     from xdyna_jax.nn.compute import Compute
 
     cfg = UNetConfig(compute=Compute(attention=attention, attention_chunk=chunk))
-    model = abstract_model(UNet2DConditionModel, cfg)
+    model = shape_only_model(UNet, cfg)
     load_torch_state(model, read_state_dict(weights), source=weights)
     graph, params = nnx.split(model)
     fwd = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c))
@@ -97,10 +92,10 @@ def _flops(cfg, params, x, t, ctx) -> float:
     import jax
     from flax import nnx
 
-    from xdyna_jax.models.unet import UNet2DConditionModel
+    from xdyna_jax.models.unet import UNet
 
     plain = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, attention="xla"))
-    graph, _ = nnx.split(abstract_model(UNet2DConditionModel, plain))
+    graph, _ = nnx.split(shape_only_model(UNet, plain))
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, t, ctx))
     lowered = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c)).lower(*shapes)
     cost = lowered.compile().cost_analysis()
@@ -149,9 +144,9 @@ def main() -> None:
         rows = []
         for h, w in sizes:
             common = ["--weights", str(weights), "--sizes", f"{h}x{w}", "--repeats", str(a.repeats)]
-            pt = spawn(__file__, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
+            pt = spawn(__spec__.name, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
             jx = spawn(
-                __file__,
+                __spec__.name,
                 [
                     "--worker",
                     "jax",

@@ -1,9 +1,9 @@
 """Video UNet (AnimateDiff motion modules) on this machine: xdyna-jax vs diffusers' UNetMotionModel, plus the
 FLOPs and XLA memory of one full-size X-Dyna UNet call.
 
-    python bench/unet_video_cpu.py                          # 32x32 latent, 1 reference + 16 frames, 3 repeats
-    python bench/unet_video_cpu.py --size 48x32 --frames 9 --repeats 5
-    python bench/unet_video_cpu.py --skip-torch --skip-flops
+    python -m bench.unet_video_cpu                          # 32x32 latent, 1 reference + 16 frames, 3 repeats
+    python -m bench.unet_video_cpu --size 48x32 --frames 9 --repeats 5
+    python -m bench.unet_video_cpu --skip-torch --skip-flops
 
 Part 1 runs one UNet call on a window (batch 1, F frames, context 77x768, fp32) at a mid-size config
 (block_out_channels 64/128/256/256, SD 1.5 block types, 2 layers, 8 heads, v3-style motion modules: no
@@ -29,19 +29,14 @@ import dataclasses
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from xdyna_jax.nn.abstract import abstract_model
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import spawn, time_calls, time_jitted  # noqa: E402
+from bench.common import spawn, time_calls, time_jitted
+from xdyna_jax.nn.shape_only import shape_only_model
 
 # diffusers UNet2DConditionModel kwargs of the mid-size model (SD 1.5 block types by default).
 MID = dict(
@@ -159,9 +154,9 @@ def _jax_weights(weights: str) -> dict:
 
 def _model(cfg):
 
-    from xdyna_jax.models.unet import UNet2DConditionModel
+    from xdyna_jax.models.unet import UNet
 
-    return abstract_model(UNet2DConditionModel, cfg)
+    return shape_only_model(UNet, cfg)
 
 
 def _jit(model):
@@ -259,9 +254,9 @@ def _compare(a, h: int, w: int) -> None:
         pt = (
             None
             if a.skip_torch
-            else spawn(__file__, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
+            else spawn(__spec__.name, ["--worker", "torch", "--out", f"{tmp}/pt.npy", *common])
         )
-        jx = spawn(__file__, ["--worker", "jax", "--out", f"{tmp}/jx.npy", *common])
+        jx = spawn(__spec__.name, ["--worker", "jax", "--out", f"{tmp}/jx.npy", *common])
         y_jx = np.load(f"{tmp}/jx.npy")
         y_pt = None if pt is None else np.load(f"{tmp}/pt.npy")
     err = float(np.abs(y_pt - y_jx).max() / np.abs(y_pt).max()) if pt else float("nan")
@@ -283,7 +278,7 @@ def _compare(a, h: int, w: int) -> None:
 
 def _full(a) -> None:
     print("compiling the full-size X-Dyna UNet from shapes (xla + chunked attention) ...", flush=True)
-    r = spawn(__file__, ["--worker", "full"])
+    r = spawn(__spec__.name, ["--worker", "full"])
     tflop = r["flops"] / 1e12
     (h, w), f, b = FULL_LATENT, FULL_FRAMES, FULL_BATCH
     head = ("latent", "F", "batch", "params (M)", "TFLOP/call", f"TFLOP/{STEPS} steps", "params GiB")

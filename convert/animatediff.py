@@ -74,7 +74,7 @@ def convert_animatediff(
 
 def export_motion_modules(bundle: str | Path, output: str | Path, layout: str = "original") -> Path:
     """The bundle's motion modules as an original AnimateDiff file (with pe buffers) or a MotionAdapter folder."""
-    model = xdyna_jax.load(bundle, expected_kind="unet")
+    model = xdyna_jax.load(bundle, expected_kind="video_unet")
     if not model.config.motion_modules:
         raise ConversionError(f"{bundle} has no motion modules")
     state = {

@@ -45,7 +45,7 @@ from convert.io import (
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.bundle import BundleError, read_meta
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 
 CONTROL_PREFIX = "control_model."
 # The rest of a v1.0 ControlLDM file: the SD model it was trained against (not part of the ControlNet).
@@ -288,7 +288,7 @@ def read_source(src: Path, config_from: Path | None = None) -> Source:
 
 
 def build(source: Source) -> ControlNetModel:
-    model = abstract_model(ControlNetModel, source.config)
+    model = shape_only_model(ControlNetModel, source.config)
     try:
         return load_torch_state(model, source.state, source=f"{source.file} (controlnet)")
     except ConversionError as e:

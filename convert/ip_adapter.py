@@ -36,7 +36,7 @@ from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithPr
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
 from xdyna_jax.models.unet import UNetConfig
 from xdyna_jax.models.unet_blocks import block_has_cross_attention
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 
 IMAGE_PROJ, IP_ADAPTER = "image_proj.", "ip_adapter."
 IP_PROJECTIONS = ("to_k_ip", "to_v_ip")
@@ -181,7 +181,7 @@ def resampler_config(image_proj: Mapping[str, np.ndarray], source: str, dim_head
 
 def build_resampler(image_proj: Mapping[str, np.ndarray], source: str, dim_head: int = DEFAULT_DIM_HEAD):
     cfg = resampler_config(image_proj, source, dim_head)
-    model = abstract_model(Resampler, cfg)
+    model = shape_only_model(Resampler, cfg)
     return load_torch_state(model, image_proj, source=f"{source} (image_proj)")
 
 
@@ -238,7 +238,7 @@ def build_image_encoder(folder: str | os.PathLike) -> CLIPVisionModelWithProject
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{folder / 'config.json'}: {e}") from e
     f = find_weights_file(folder, ("model", "pytorch_model"))
-    model = abstract_model(CLIPVisionModelWithProjection, cfg)
+    model = shape_only_model(CLIPVisionModelWithProjection, cfg)
     return load_torch_state(model, read_state_dict(f), source=str(f), ignore=_ENCODER_IGNORE)
 
 

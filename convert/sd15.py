@@ -25,9 +25,9 @@ from convert.io import ConversionError, atomic_output_dir, find_weights_file, re
 from convert.state import load_torch_state
 from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from xdyna_jax.models.clip_tokenizer import CLIPTokenizer
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.schedulers import DDIMConfig
 
 # SD 1.5's own scheduler settings, written when the source carries no scheduler config (single files).
@@ -144,18 +144,18 @@ def read_single_file(path: Path, config_from: Path | None = None, use_ema: bool 
     }
 
 
-def build_unet(part: Part) -> UNet2DConditionModel:
-    model = abstract_model(UNet2DConditionModel, part.config)
+def build_unet(part: Part) -> UNet:
+    model = shape_only_model(UNet, part.config)
     return load_torch_state(model, part.state, source=f"{part.source} (unet)")
 
 
 def build_vae(part: Part) -> AutoencoderKL:
-    model = abstract_model(AutoencoderKL, part.config)
+    model = shape_only_model(AutoencoderKL, part.config)
     return load_torch_state(model, part.state, source=f"{part.source} (vae)")
 
 
 def build_text_encoder(part: Part) -> CLIPTextModel:
-    model = abstract_model(CLIPTextModel, part.config)
+    model = shape_only_model(CLIPTextModel, part.config)
     return load_clip_text_state(model, part.state, source=f"{part.source} (text_encoder)")
 
 

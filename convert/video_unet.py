@@ -12,8 +12,8 @@ import xdyna_jax
 from convert.animatediff_keys import check_pe, detect_motion_version
 from convert.io import ConversionError
 from convert.state import load_torch_state
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.motion import sinusoidal_table
 
 # AnimateDiff versions (checkpoint_formats.md section 2b): pe length, mid-block module, resnet GroupNorm
@@ -50,12 +50,12 @@ def motion_config(base: UNetConfig, version: str, **overrides) -> UNetConfig:
     return dataclasses.replace(base, motion_modules=True, **{**VERSIONS[version], **overrides})
 
 
-def build_unet(config: UNetConfig, state: dict, source: str, ignore=PE_IGNORE) -> UNet2DConditionModel:
-    model = abstract_model(UNet2DConditionModel, config)
+def build_unet(config: UNetConfig, state: dict, source: str, ignore=PE_IGNORE) -> UNet:
+    model = shape_only_model(UNet, config)
     return load_torch_state(model, state, source=source, ignore=ignore)
 
 
-def with_pe_buffers(model: UNet2DConditionModel, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def with_pe_buffers(model: UNet, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add the `pos_encoder.pe` buffers the original files carry (one per temporal attention)."""
     out = dict(state)
     length = model.config.motion_max_len

@@ -97,7 +97,7 @@ def convert_xdyna_unet(
 
 def export_xdyna_unet(bundle: str | Path, output: str | Path) -> Path:
     """The bundle as the release's flat state dict (.safetensors, or a torch .ckpt pickle), pe buffers included."""
-    model = xdyna_jax.load(bundle, expected_kind="unet")
+    model = xdyna_jax.load(bundle, expected_kind="video_unet")
     state = export_torch_state(model)
     if model.config.motion_modules:
         state = with_pe_buffers(model, state)

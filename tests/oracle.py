@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 
 
 def rel_err(actual, expected) -> float:
@@ -56,7 +56,7 @@ def random_torch_state(model_cls, config, seed: int = 0) -> dict[str, np.ndarray
 
     from convert.state import to_torch_layout, torch_key
 
-    abstract = abstract_model(model_cls, config)
+    abstract = shape_only_model(model_cls, config)
     rng = np.random.default_rng(seed)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):

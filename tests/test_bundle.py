@@ -12,14 +12,14 @@ from jax.sharding import PartitionSpec as P
 from oracle import TINY_UNET
 
 import xdyna_jax
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.models.unet import UNet, UNetConfig
 
 TINY = UNetConfig(**TINY_UNET)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = UNet2DConditionModel(TINY, rngs=nnx.Rngs(7))
+    model = UNet(TINY, rngs=nnx.Rngs(7))
     path = xdyna_jax.save(model, tmp_path_factory.mktemp("b") / "unet")
     return model, path
 

@@ -10,7 +10,7 @@ from oracle import perturb_, rel_err, torch_state
 from convert.clip_text import export_clip_text_state, load_clip_text_state
 from convert.io import ConversionError
 from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 TINY = dict(
@@ -31,7 +31,7 @@ def build_pair(act="quick_gelu", seed=0, state_prefix=""):
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY, hidden_act=act)).eval()
     perturb_(ref, seed)
     cfg = CLIPTextConfig.from_transformers(ref.config.to_dict(), compute=Compute(precision="highest"))
-    model = abstract_model(CLIPTextModel, cfg)
+    model = shape_only_model(CLIPTextModel, cfg)
     state = {state_prefix + k: v for k, v in torch_state(ref).items()}
     load_clip_text_state(model, state, source=f"tiny-{act}")
     return ref, model
@@ -62,7 +62,7 @@ def test_prefixed_state_with_position_ids_loads():
     state = {"text_model." + k: v for k, v in torch_state(ref).items()}
     state["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     cfg = model.config
-    prefixed = abstract_model(CLIPTextModel, cfg)
+    prefixed = shape_only_model(CLIPTextModel, cfg)
     load_clip_text_state(prefixed, state, source="prefixed")
     ids = jnp.asarray(random_ids(2, 77, seed=3))  # the shapes of the parity test, so eager ops are cached
     np.testing.assert_array_equal(np.asarray(prefixed(ids)), np.asarray(model(ids)))

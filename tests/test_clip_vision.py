@@ -14,7 +14,7 @@ from convert.io import ConversionError
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.conditioning.clip_image import preprocess_clip_image, uncond_pixel_values
 from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 TINY = dict(
@@ -34,7 +34,7 @@ def build_pair(act="gelu", seed=0):
     ref = transformers.CLIPVisionModelWithProjection(cfg).eval()
     perturb_(ref, seed)
     ours = CLIPVisionConfig.from_transformers(ref.config.to_dict(), compute=Compute(precision="highest"))
-    model = abstract_model(CLIPVisionModelWithProjection, ours)
+    model = shape_only_model(CLIPVisionModelWithProjection, ours)
     load_torch_state(model, torch_state(ref), source=f"tiny-{act}")
     return ref, model
 

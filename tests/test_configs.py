@@ -8,9 +8,9 @@ from flax import nnx
 from configs import tiny, xdyna_sd15
 from configs.models import model_configs
 from xdyna_jax.models.controlnet import ControlNetModel
-from xdyna_jax.models.unet import UNet2DConditionModel
+from xdyna_jax.models.unet import UNet
 from xdyna_jax.models.xdyna import XDynaDenoiser
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 
 
 def test_paper_config_is_the_release_architecture():
@@ -24,10 +24,10 @@ def test_paper_config_is_the_release_architecture():
     # UNet, of which 40 are pe buffers (2 per motion module, 24 x C each: 844,800 numbers) that we compute;
     # 340 keys / 361.28 M for each ControlNet (+432 for the face one's 6-channel input conv).
     def count(cls, c):
-        flat = nnx.to_flat_state(nnx.state(abstract_model(cls, c), nnx.Param))
+        flat = nnx.to_flat_state(nnx.state(shape_only_model(cls, c), nnx.Param))
         return len(flat), sum(v.size for _, v in flat)
 
-    assert count(UNet2DConditionModel, unet) == (1326 - 40, 1_321_465_924 - 844_800)
+    assert count(UNet, unet) == (1326 - 40, 1_321_465_924 - 844_800)
     assert count(ControlNetModel, cfgs["controlnet_pose"]) == (340, 361_279_120)
     assert count(ControlNetModel, cfgs["controlnet_face"]) == (340, 361_279_120 + 432)
 
@@ -38,7 +38,7 @@ def test_tiny_config_denoises():
     m = model_configs(cfg)
     rngs = nnx.Rngs(0)
     den = XDynaDenoiser(
-        UNet2DConditionModel(m["unet"], rngs=rngs),
+        UNet(m["unet"], rngs=rngs),
         ControlNetModel(m["controlnet_pose"], rngs=rngs),
         ControlNetModel(m["controlnet_face"], rngs=rngs),
     )

@@ -11,7 +11,7 @@ from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state, torch_key
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 # Two embedding stages -> the condition image is 2x the latent (SD's four stages give 8x).
@@ -35,7 +35,7 @@ def build_pair(name, seed=0):
     ref = TorchControlNet(**TINY, **CASES[name]).eval()
     perturb_(ref, seed)  # the zero convs would otherwise hide every bug behind all-zero outputs
     cfg = ControlNetConfig.from_diffusers(dict(ref.config), compute=HIGHEST)
-    model = abstract_model(ControlNetModel, cfg)
+    model = shape_only_model(ControlNetModel, cfg)
     load_torch_state(model, torch_state(ref), source=name)
     return ref, model
 
@@ -94,7 +94,7 @@ def test_fresh_controlnet_adds_nothing():
 @pytest.fixture(scope="module")
 def small_model():
     cfg = ControlNetConfig(**TINY, conditioning_channels=6, layers_per_block=1)
-    return abstract_model(ControlNetModel, cfg)
+    return shape_only_model(ControlNetModel, cfg)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_full_size_parameters_match_diffusers_sd15_controlnet():
         ref = TorchControlNet(cross_attention_dim=768, conditioning_channels=6)
     cfg = ControlNetConfig.from_diffusers(dict(ref.config))
     assert cfg == ControlNetConfig(conditioning_channels=6) and cfg.cond_downscale == 8
-    model = abstract_model(ControlNetModel, cfg)
+    model = shape_only_model(ControlNetModel, cfg)
     ours = {torch_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
     def flax_shape(key, shape):  # Conv2d [O,I,kh,kw] -> [kh,kw,I,O]; Linear [O,I] -> [I,O]

@@ -20,7 +20,7 @@ from convert.io import ConversionError
 from convert.state import export_torch_state
 from convert.video_unet import with_pe_buffers
 from convert.xdyna_unet import convert_xdyna_unet, export_xdyna_unet
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.models.unet import UNet, UNetConfig
 
 # SD 1.5's block structure (what the converter reads a release file as) at 1/10 width.
 XDYNA = UNetConfig(
@@ -39,7 +39,7 @@ XDYNA = UNetConfig(
 def release(tmp_path_factory):
     """A tiny checkpoint with the release's key names, shapes (pe buffers) and wrappers (state_dict, module.)."""
     root = tmp_path_factory.mktemp("xdyna")
-    model = UNet2DConditionModel(XDYNA, rngs=nnx.Rngs(0))
+    model = UNet(XDYNA, rngs=nnx.Rngs(0))
     state = with_pe_buffers(model, export_torch_state(model))
     rng = np.random.default_rng(0)
     state = {
@@ -143,7 +143,7 @@ TINY_2D = UNetConfig(**TINY_UNET)
 @pytest.fixture(scope="module")
 def animatediff(tmp_path_factory):
     root = tmp_path_factory.mktemp("ad")
-    xdyna_jax.save(UNet2DConditionModel(TINY_2D, rngs=nnx.Rngs(1)), root / "sd15_unet")
+    xdyna_jax.save(UNet(TINY_2D, rngs=nnx.Rngs(1)), root / "sd15_unet")
     torch.manual_seed(0)
     adapter = MotionAdapter(
         block_out_channels=(32, 64),

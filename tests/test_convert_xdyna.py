@@ -19,9 +19,9 @@ from convert.ip_adapter import ip_adapter_attn2_names
 from convert.video_unet import with_pe_buffers
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
+from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.models.xdyna import load_xdyna
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 
 CROSS = 32
 XDYNA = UNetConfig(
@@ -45,8 +45,8 @@ def save_ckpt(state, path):
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
-    unet = abstract_model(UNet2DConditionModel, XDYNA)
-    unet_state = with_pe_buffers(unet, random_torch_state(UNet2DConditionModel, XDYNA, 0))
+    unet = shape_only_model(UNet, XDYNA)
+    unet_state = with_pe_buffers(unet, random_torch_state(UNet, XDYNA, 0))
     save_ckpt(unet_state, root / "X-Dyna" / "unet-checkpoint-epoch-5.ckpt")
     for name, channels, seed in (
         ("controlnet-checkpoint-epoch-5.ckpt", 3, 1),

@@ -18,7 +18,7 @@ from xdyna_jax.conditioning.face import (
     global_face_map,
     local_face_map,
     local_rects,
-    normalize_clip,
+    normalize_frames,
     part_centers,
     sface_maps,
 )
@@ -149,14 +149,14 @@ def test_normalize_clip():
     x[0, 0] = [[10], [20]]
     x[1, 0] = [[20], [30]]  # min-max over the whole clip: frame 0 tops out at 0.5, not 1
     expected = np.array([0.0, 0.5, 0.5, 1.0], np.float32).reshape(x.shape)
-    out = normalize_clip(x)
+    out = normalize_frames(x)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    np.testing.assert_allclose(normalize_clip(x / 255.0), expected, atol=1e-6)  # float input in [0, 1]
-    black = normalize_clip(np.zeros((3, 4, 4, 3), np.uint8))
+    np.testing.assert_allclose(normalize_frames(x / 255.0), expected, atol=1e-6)  # float input in [0, 1]
+    black = normalize_frames(np.zeros((3, 4, 4, 3), np.uint8))
     assert black.shape == (3, 4, 4, 3) and not black.any() and np.isfinite(black).all()
     with pytest.raises(ValueError, match="T, H, W, C"):
-        normalize_clip(np.zeros((4, 4, 3)))
+        normalize_frames(np.zeros((4, 4, 3)))
 
 
 def test_face_condition_channel_order():

@@ -68,7 +68,7 @@ def build(params, *, across: bool, max_len: int = MAX_LEN) -> VanillaTemporalMod
     return load_torch_state(model, params, source="test", ignore=[PE_KEYS])
 
 
-def clip_input(seed: int = 1, frames: int = FRAMES) -> np.ndarray:
+def video_input(seed: int = 1, frames: int = FRAMES) -> np.ndarray:
     """(B*F, H, W, C) with a different scale and offset per frame, so per-frame and per-clip GroupNorm
     statistics really differ."""
     rng = np.random.default_rng(seed)
@@ -141,7 +141,7 @@ def torch64(params: dict, requires_grad: bool = False) -> dict:
 
 def test_matches_diffusers_with_groupnorm_across_frames(oracle):
     ref, params = oracle
-    x = clip_input()
+    x = video_input()
     expected = run_diffusers(ref, x, FRAMES)
     assert rel_err(call(build(params, across=True), jnp.asarray(x), FRAMES), expected) < 1e-5
     # The equation reference reproduces diffusers in its cross-frame mode, so it can be trusted per frame.
@@ -151,7 +151,7 @@ def test_matches_diffusers_with_groupnorm_across_frames(oracle):
 
 def test_per_frame_groupnorm_matches_reference_and_differs_from_diffusers(oracle):
     ref, params = oracle
-    x = clip_input()
+    x = video_input()
     got = call(build(params, across=False), jnp.asarray(x), FRAMES)
     expected = reference(torch64(params), torch.from_numpy(x).double(), FRAMES, per_frame=True).numpy()
     assert rel_err(got, expected) < 1e-5
@@ -162,7 +162,7 @@ def test_per_frame_groupnorm_matches_reference_and_differs_from_diffusers(oracle
 def test_skip_reference_leaves_frame_0_and_runs_the_rest_alone(oracle, across):
     _, params = oracle
     model = build(params, across=across)
-    x = clip_input(seed=2)
+    x = video_input(seed=2)
     out = np.asarray(call(model, jnp.asarray(x), FRAMES, True)).reshape(B, FRAMES, H, W, C)
     clips = x.reshape(B, FRAMES, H, W, C)
     np.testing.assert_array_equal(out[:, 0], clips[:, 0])
@@ -174,7 +174,7 @@ def test_skip_reference_leaves_frame_0_and_runs_the_rest_alone(oracle, across):
 def test_gradients_match_torch_autograd(oracle):
     _, params = oracle
     graphdef, state = nnx.split(build(params, across=False), nnx.Param)
-    x = clip_input(seed=3)
+    x = video_input(seed=3)
     weight = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
 
     def loss(s):
@@ -202,12 +202,12 @@ def test_fresh_module_is_identity_and_refuses_bad_inputs():
             C, heads=HEADS, max_len=4, norm_groups=GROUPS, compute=HIGHEST, rngs=nnx.Rngs(0)
         )
     )()
-    x = jnp.asarray(clip_input(frames=5))
+    x = jnp.asarray(video_input(frames=5))
     np.testing.assert_array_equal(call(model, x, 5, True), x)  # zero proj_out; 4 frames fit
     with pytest.raises(ValueError, match=r"5 frames.*max_len=4"):
         model(x, 5)
     with pytest.raises(ValueError, match=r"5 frames.*max_len=4"):
-        model(jnp.asarray(clip_input(frames=6)), 6, skip_reference=True)
+        model(jnp.asarray(video_input(frames=6)), 6, skip_reference=True)
     with pytest.raises(ValueError, match="divisible"):
         model(x, 3)
 

@@ -16,7 +16,7 @@ from oracle import perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 # diffusers' loader infers only the widths: it assumes dim_head 64, depth 4 and ff_mult 4.
@@ -72,7 +72,7 @@ def build_pair(cfg=TINY, seed=0):
     ref = diffusers_resampler(cfg, seed)
     original = to_original(torch_state(ref))
     ours = ResamplerConfig.from_dict({**cfg.to_dict(), "compute": Compute(precision="highest")})
-    model = abstract_model(Resampler, ours)
+    model = shape_only_model(Resampler, ours)
     load_torch_state(model, original, source="tiny resampler")
     return ref, model, original
 

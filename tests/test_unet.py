@@ -1,4 +1,4 @@
-"""UNet2DConditionModel parity against diffusers (tiny configs, random perturbed weights, fp32)."""
+"""UNet parity against diffusers (tiny configs, random perturbed weights, fp32)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +8,8 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 CONFIGS = {
@@ -44,7 +44,7 @@ def build_pair(name, seed=0, compute=HIGHEST):
     ref = TorchUNet(in_channels=4, out_channels=4, sample_size=16, **kwargs).eval()
     perturb_(ref, seed)
     cfg = UNetConfig.from_diffusers(dict(ref.config), compute=compute)
-    model = abstract_model(UNet2DConditionModel, cfg)
+    model = shape_only_model(UNet, cfg)
     load_torch_state(model, torch_state(ref), source=name)
     return ref, model
 

@@ -15,8 +15,8 @@ from oracle import TINY_UNET, jitted, perturb_, rel_err, torch_state
 
 from convert.animatediff_keys import diffusers_motion_to_original
 from convert.state import load_torch_state
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W, CROSS = 1, 4, 8, 8, 16
@@ -80,7 +80,7 @@ def build(version, skip_reference=False, seed=0):
         motion_groupnorm_across_frames=True,
         skip_reference_frame=skip_reference,
     )
-    model = abstract_model(UNet2DConditionModel, cfg)
+    model = shape_only_model(UNet, cfg)
     return ref, load_torch_state(model, state, source=f"UNetMotionModel {version}")
 
 
@@ -115,5 +115,5 @@ def test_reference_frame_skips_motion_modules():
     # and the skip matters: the same weights without it give another answer
     plain = dataclasses.replace(model.config, skip_reference_frame=False)
     graph, state = nnx.split(model)
-    other = nnx.merge(nnx.split(abstract_model(UNet2DConditionModel, plain))[0], state)
+    other = nnx.merge(nnx.split(shape_only_model(UNet, plain))[0], state)
     assert compare(ref, other) > 1e-3

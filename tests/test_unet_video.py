@@ -18,8 +18,8 @@ from flax import nnx
 from oracle import TINY_UNET, jitted, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state
-from xdyna_jax.models.unet import UNet2DConditionModel, UNetConfig
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 B, FRAMES, H, W = 2, 3, 8, 8
@@ -102,7 +102,7 @@ def ours(ref, **overrides):
     cfg = UNetConfig.from_diffusers(dict(ref.config), compute=Compute(precision="highest"))
     video = dict(dynamics_adapter=True, groupnorm_over_frames=True, ip_adapter_tokens=IMG)
     cfg = dataclasses.replace(cfg, **{**video, **overrides})
-    model = abstract_model(UNet2DConditionModel, cfg)
+    model = shape_only_model(UNet, cfg)
     return load_torch_state(model, our_state(ref), source="reference")
 
 
@@ -174,9 +174,9 @@ def test_fresh_adapter_is_plain_sd_per_frame():
     base = UNetConfig(
         **{k: v for k, v in TINY.items() if k != "sample_size"}, compute=Compute(precision="highest")
     )
-    plain = UNet2DConditionModel(base, rngs=nnx.Rngs(4))
+    plain = UNet(base, rngs=nnx.Rngs(4))
     video = nnx.eval_shape(
-        lambda: UNet2DConditionModel(dataclasses.replace(base, dynamics_adapter=True), rngs=nnx.Rngs(4))
+        lambda: UNet(dataclasses.replace(base, dynamics_adapter=True), rngs=nnx.Rngs(4))
     )
     fresh = {p: v for p, v in nnx.to_flat_state(nnx.state(video, nnx.Param))}
     for path, var in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
@@ -199,7 +199,7 @@ def test_fresh_adapter_is_plain_sd_per_frame():
 def test_fresh_adapter_initialisation():
     cfg = UNetConfig(**{k: v for k, v in TINY.items() if k != "sample_size"}, dynamics_adapter=True)
     attn1 = (
-        UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)).down_blocks[0].attentions[0].transformer_blocks[0].attn1
+        UNet(cfg, rngs=nnx.Rngs(0)).down_blocks[0].attentions[0].transformer_blocks[0].attn1
     )
     np.testing.assert_array_equal(attn1.to_q_ff.kernel[...], attn1.to_q.kernel[...])
     assert not np.any(attn1.to_out_ff.kernel[...]) and not np.any(attn1.to_out_ff.bias[...])

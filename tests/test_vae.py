@@ -13,7 +13,7 @@ from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.vae import AutoencoderKL, VAEConfig, sample_latent
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 
@@ -57,7 +57,7 @@ def torch_vae(name):
 def jax_vae(name, compute="highest"):
     ref = torch_vae(name)
     cfg = VAEConfig.from_diffusers(dict(ref.config), compute=COMPUTES[compute])
-    model = abstract_model(AutoencoderKL, cfg)
+    model = shape_only_model(AutoencoderKL, cfg)
     return load_torch_state(model, torch_state(ref), source=name)
 
 

@@ -23,14 +23,16 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from xdyna_jax.nn.abstract import abstract_model
+from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
 
 FORMAT_VERSION = 1
 
 # kind -> (module path, config class, model class); imported lazily so loading a VAE needs no UNet code.
 KINDS: dict[str, tuple[str, str, str]] = {
-    "unet": ("xdyna_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
+    "unet": ("xdyna_jax.models.unet", "UNetConfig", "UNet"),
+    # the same class with a video config (adapter, motion modules, GroupNorm over frames)
+    "video_unet": ("xdyna_jax.models.unet", "UNetConfig", "UNet"),
     "vae": ("xdyna_jax.models.vae", "VAEConfig", "AutoencoderKL"),
     "clip_text": ("xdyna_jax.models.clip_text", "CLIPTextConfig", "CLIPTextModel"),
     "clip_vision": ("xdyna_jax.models.clip_vision", "CLIPVisionConfig", "CLIPVisionModelWithProjection"),
@@ -54,6 +56,8 @@ def _classes(kind: str):
 
 
 def kind_of(module: nnx.Module) -> str:
+    if type(module).__name__ == "UNet" and getattr(module.config, "is_video", False):
+        return "video_unet"
     for kind, (mod, _, model_name) in KINDS.items():
         if type(module).__module__ == mod and type(module).__name__ == model_name:
             return kind
@@ -107,7 +111,7 @@ def build_abstract(path: str | os.PathLike, compute: Compute | None = None) -> n
     config = cfg_cls.from_dict(meta["config"])
     if compute is not None:
         config = dataclasses.replace(config, compute=compute)
-    return abstract_model(model_cls, config)
+    return shape_only_model(model_cls, config)
 
 
 def _target(abstract_params: dict, sharding: Sharding) -> dict:

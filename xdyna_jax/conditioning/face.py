@@ -12,7 +12,7 @@ Follows the official release (bytedance/X-Dyna, ``inference_xdyna.py``,
   Half-sizes (box_w // 8, box_h // 8) (the release writes ``int(box_w / 512 * 64)``); rectangle =
   rows [cy - hy, cy + hy), columns [cx - hx, cx + hx).
 - Both maps keep the full frame geometry (no crop). The ControlNet input is concat[local, global] on channels,
-  each min-max normalised over the whole clip (``normalize_clip``).
+  each min-max normalised over the whole clip (``normalize_frames``).
 
 Deliberate differences from the release, all for frames the release mishandles:
 - No face in a frame: we reuse the last good box and landmarks on the current frame's pixels. The release
@@ -162,7 +162,7 @@ def sface_maps(
     return local, glob
 
 
-def normalize_clip(x) -> np.ndarray:
+def normalize_frames(x) -> np.ndarray:
     """Release normalisation of one condition clip (T, H, W, C) -> float32 in [0, 1].
 
     VaeImageProcessor.preprocess (uint8 / 255 -> 2x - 1; float input is taken to be in [0, 1] already, as

@@ -162,7 +162,7 @@ class ControlNetModel(nnx.Module):
     -> (down_residuals: one per UNet skip connection, mid_residual), with s = config.cond_downscale (8 for SD).
 
     Residuals are returned in the compute dtype, already multiplied by `conditioning_scale`; pass them to
-    `UNet2DConditionModel(..., down_residuals=..., mid_residual=...)`. Zero convs (and the condition
+    `UNet(..., down_residuals=..., mid_residual=...)`. Zero convs (and the condition
     embedding's conv_out) start at zero, as in diffusers, so a new ControlNet is a no-op until trained.
     """
 

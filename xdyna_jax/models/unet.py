@@ -50,7 +50,7 @@ class UNetConfig(ConfigMixin):
     mid_block_scale_factor: float = 1.0
     use_linear_projection: bool = False
     sample_size: int | None = 64
-    # --- video / X-Dyna (not diffusers UNet2DConditionModel fields) ---
+    # --- video / X-Dyna (not diffusers UNet fields) ---
     # resnet GroupNorms and conv_norm_out pool statistics over all frames of a clip (AnimateDiff v1 and the
     # X-Dyna release); off = per frame (AnimateDiff v2/v3, diffusers' UNetMotionModel).
     groupnorm_over_frames: bool = False
@@ -139,7 +139,7 @@ _VIDEO_FIELDS = (
 )
 
 
-class UNet2DConditionModel(nnx.Module):
+class UNet(nnx.Module):
     """sample (B, H, W, C_in), timesteps (B,) or scalar, context (B, L, D) -> noise prediction (B, H, W, C_out).
 
     Optional ControlNet residuals are added to the skip connections (`down_residuals`, one per skip) and
@@ -240,7 +240,7 @@ class UNet2DConditionModel(nnx.Module):
         temb = jnp.repeat(self.time_embed(timesteps, b), frames, axis=0)
         spec = VideoSpec(
             frames=frames,
-            norm_fn=_clip_norm(b, frames) if cfg.groupnorm_over_frames else None,
+            norm_fn=_norm_over_frames(b, frames) if cfg.groupnorm_over_frames else None,
             ip_scale=ip_scale,
             skip_reference=cfg.skip_reference_frame,
         )
@@ -270,7 +270,7 @@ class UNet2DConditionModel(nnx.Module):
         return x.astype(jnp.float32).reshape(sample.shape[:-1] + (cfg.out_channels,))
 
 
-def _clip_norm(batch: int, frames: int):
+def _norm_over_frames(batch: int, frames: int):
     """GroupNorm with statistics over every frame of a clip: normalise (B, F, H, W, C), not (B*F, H, W, C)."""
 
     def norm(module, h):

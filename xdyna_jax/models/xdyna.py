@@ -127,7 +127,7 @@ def load_xdyna(path: str | Path, *, compute: Compute | None = None) -> XDyna:
         return load(path / name, compute=compute, expected_kind=kind)
 
     denoiser = XDynaDenoiser(
-        part("unet", "unet"),
+        part("unet", "video_unet"),
         part("controlnet_pose", "controlnet", False),
         part("controlnet_face", "controlnet", False),
     )

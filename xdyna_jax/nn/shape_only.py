@@ -22,6 +22,6 @@ class _FixedKeyRngs:
         return jax.random.key(0)
 
 
-def abstract_model(model_cls, config):
+def shape_only_model(model_cls, config):
     """`model_cls(config, rngs=...)` with jax.ShapeDtypeStruct leaves, ready for loading weights into."""
     return nnx.eval_shape(lambda: model_cls(config, rngs=_FixedKeyRngs()))
