@@ -16,7 +16,9 @@ from convert.io import (
     ConversionError,
     atomic_output_dir,
     find_weights_file,
+    key_list,
     read_state_dict,
+    write_json,
     write_safetensors,
 )
 from convert.state import export_torch_state
@@ -32,7 +34,7 @@ def read_motion_modules(src: Path) -> dict:
     other = [k for k in sd if ".motion_modules." not in k]
     if other:
         raise ConversionError(
-            f"{src}: not an AnimateDiff motion-module file; keys outside motion_modules: {', '.join(other[:10])}"
+            f"{src}: not an AnimateDiff motion-module file; outside motion_modules: {key_list(other)}"
         )
     return sd
 
@@ -98,9 +100,7 @@ def export_motion_modules(bundle: str | Path, output: str | Path, layout: str = 
         "use_motion_mid_block": cfg.motion_mid_block,
     }
     with atomic_output_dir(output) as tmp:
-        import json
-
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(tmp / "config.json", config)
         write_safetensors(original_motion_to_diffusers(state), tmp / "diffusion_pytorch_model.safetensors")
     return output
 

@@ -6,26 +6,28 @@ Inside one motion module (`...motion_modules.J.` or, for a single module's own s
     temporal_transformer.norm / proj_in / proj_out         norm / proj_in / proj_out
     ...transformer_blocks.K.attention_blocks.0 / .1        ...transformer_blocks.K.attn1 / attn2
     ...transformer_blocks.K.norms.0 / norms.1 / ff_norm    ...transformer_blocks.K.norm1 / norm2 / norm3
+    ...transformer_blocks.K.ff                             ...transformer_blocks.K.ff
     ...transformer_blocks.K.attention_blocks.{0,1}.pos_encoder.pe   ...transformer_blocks.K.pos_embed.pe
 
-The original keeps one sinusoidal `pe` buffer per attention (two equal copies per block), diffusers one per
-block: original -> diffusers keeps the copy after checking both are equal, diffusers -> original writes it
-twice. Values pass through untouched (numpy, torch or JAX). Every key is checked to come back unchanged
-through the opposite direction, so the two functions are exact inverses or fail with a ConversionError.
+These are rows of one table (convert.key_tables), built for the modules and blocks the keys contain, so the
+two directions are exact inverses. The original keeps one sinusoidal `pe` buffer per attention (two equal
+copies per block), diffusers one per block: original -> diffusers keeps the copy after checking both are
+equal, diffusers -> original writes it twice. Keys outside motion modules pass unchanged.
 
-Version rules (checkpoint_formats.md §2b): a mid-block module means v2; otherwise the `pe` length decides,
-24 = v1 (mm_sd_v14/v15, X-Dyna), 32 = v3.
+Version rules: a mid-block module means v2; otherwise the `pe` length decides, 24 = v1 (mm_sd_v14/v15,
+X-Dyna), 32 = v3.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from convert.io import ConversionError
+from convert.key_tables import PARAM, PASS, KeyTable, Row
 from xdyna_jax.nn.motion import sinusoidal_table
 
 __all__ = [
@@ -35,92 +37,56 @@ __all__ = [
     "original_motion_to_diffusers",
 ]
 
-_MODULE = re.compile(r"^(.*?motion_modules\.\d+\.)?(.*)$")  # (prefix up to the module, name inside it)
-_BLOCK = re.compile(r"^(transformer_blocks\.\d+\.)(.*)$")
+_MOTION = "motion_modules."
+_MODULE = re.compile(r"^(.*?motion_modules\.\d+\.)")  # the prefix up to and including one module
+_BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
 _TT = "temporal_transformer."
-# Renames right after `transformer_blocks.K.`: (original, diffusers); the trailing dots stop `norms.0.`
-# from matching `norms.01.`.
-_BLOCK_RENAMES = (
-    ("attention_blocks.0.", "attn1."),
-    ("attention_blocks.1.", "attn2."),
-    ("norms.0.", "norm1."),
-    ("norms.1.", "norm2."),
-    ("ff_norm.", "norm3."),
+# Inside `transformer_blocks.K.`: (original, diffusers, rest). The pe row is longer than attention_blocks.0's,
+# so it wins for the buffer.
+_BLOCK_ROWS = (
+    ("attention_blocks.0.", "attn1.", PASS),
+    ("attention_blocks.1.", "attn2.", PASS),
+    ("attention_blocks.0.pos_encoder.", "pos_embed.", PASS),
+    ("norms.0.", "norm1.", PARAM),
+    ("norms.1.", "norm2.", PARAM),
+    ("ff_norm.", "norm3.", PARAM),
+    ("ff.", "ff.", PASS),
 )
 _ORIG_PE = re.compile(r"attention_blocks\.([01])\.pos_encoder\.pe$")
-_DIFF_PE = "pos_embed.pe"
 _PE_KEY = re.compile(r"(pos_encoder|pos_embed)\.pe$")
 # Tolerance for a stored table against ours: covers a file saved in bf16 (half an ulp near 1 is 2^-9),
 # while a wrong table (other base, sin/cos swapped, learned, shuffled rows) is off by O(1).
 _PE_ATOL = 3e-3
 
 
-def _split(key: str, local_only: bool) -> tuple[str, str] | None:
-    """(prefix, name inside the module), or None for a key that is not part of a motion module."""
-    if local_only:
-        return "", key
-    prefix, name = _MODULE.match(key).groups()
-    return (prefix, name) if prefix else None
+def motion_rows(module_prefixes, n_blocks: int) -> list[Row]:
+    """The rows of every motion module under `module_prefixes` (each ending in `motion_modules.J.` or "")."""
+    rows: list[Row] = []
+    for prefix in sorted(set(module_prefixes)):
+        rows += [
+            (f"{prefix}{_TT}{name}.", f"{prefix}{name}.", PARAM) for name in ("norm", "proj_in", "proj_out")
+        ]
+        for k in range(n_blocks):
+            block = f"transformer_blocks.{k}."
+            rows += [(prefix + _TT + block + o, prefix + block + d, rest) for o, d, rest in _BLOCK_ROWS]
+    return rows
 
 
-def _local_to_diffusers(name: str) -> str | None:
-    if not name.startswith(_TT):
-        return None  # not an original motion-module name
-    name = name[len(_TT) :]
-    m = _BLOCK.match(name)
-    if m:
-        head, rest = m.groups()
-        if _ORIG_PE.fullmatch(rest):
-            return head + _DIFF_PE
-        for orig, diff in _BLOCK_RENAMES:
-            if rest.startswith(orig):
-                return head + diff + rest[len(orig) :]
-    return name
-
-
-def _local_to_original(name: str) -> str | None:
-    if name.startswith(_TT):
-        return None  # already original naming
-    m = _BLOCK.match(name)
-    if m:
-        head, rest = m.groups()
-        if rest == _DIFF_PE:
-            return _TT + head + "attention_blocks.0.pos_encoder.pe"
-        for orig, diff in _BLOCK_RENAMES:
-            if rest.startswith(diff):
-                return _TT + head + orig + rest[len(diff) :]
-    return _TT + name
-
-
-def _rename(
-    sd: Mapping[str, Any],
-    forward: Callable[[str], str | None],
-    backward: Callable[[str], str | None],
-    what: str,
-) -> dict[str, Any]:
-    """Apply `forward` to the name inside every motion module; keys outside motion modules pass unchanged.
+def _rename(sd: Mapping[str, Any], to_diffusers: bool) -> dict[str, Any]:
+    """Rename every motion-module key through the table; keys outside motion modules pass unchanged.
 
     A state dict where no key mentions `motion_modules.` is taken as ONE module's own state dict.
     """
-    local_only = not any("motion_modules." in k for k in sd)
-    out, bad = {}, []
-    for key, value in sd.items():
-        parts = _split(key, local_only)
-        if parts is None:
-            out[key] = value
-            continue
-        prefix, name = parts
-        new = forward(name)
-        # Exactness: the opposite direction must give the key back (pe copies are handled by the callers).
-        if new is None or (not _PE_KEY.search(key) and backward(new) != name) or prefix + new in out:
-            bad.append(key)
-            continue
-        out[prefix + new] = value
-    if bad:
-        raise ConversionError(
-            f"{len(bad)} key(s) are not {what} motion-module names (or would collide): {', '.join(bad[:10])}"
-        )
-    return out
+    local_only = not any(_MOTION in k for k in sd)
+    motion = sd if local_only else {k: v for k, v in sd.items() if _MOTION in k}
+    prefixes = [""] if local_only else [m.group(1) for k in motion if (m := _MODULE.match(k))]
+    n_blocks = 1 + max((int(m.group(1)) for k in motion if (m := _BLOCK_INDEX.search(k))), default=-1)
+    table = KeyTable(motion_rows(prefixes, n_blocks))
+    naming = "original" if to_diffusers else "diffusers"
+    what = "AnimateDiff " + ("original -> diffusers" if to_diffusers else "diffusers -> original")
+    hint = f"these are not {naming} motion-module names"
+    apply = table.to_diffusers if to_diffusers else table.to_original
+    return {**{k: v for k, v in sd.items() if k not in motion}, **apply(motion, what, hint)}
 
 
 def original_motion_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,18 +94,20 @@ def original_motion_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
     kept = {}
     for key, value in sd.items():
         m = _ORIG_PE.search(key)
-        twin = key[: m.start(1)] + "0" + key[m.end(1) :] if m and m.group(1) == "1" else None
-        if twin is not None and twin in sd:
-            if not np.array_equal(np.asarray(sd[twin]), np.asarray(value)):
+        if m and m.group(1) == "1":  # the copy in attention_blocks.0 stands for both
+            twin = key[: m.start(1)] + "0" + key[m.end(1) :]
+            if twin not in sd:
+                kept[twin] = value
+            elif not np.array_equal(np.asarray(sd[twin]), np.asarray(value)):
                 raise ConversionError(f"{twin} and {key} differ; diffusers keeps a single pe per block")
-            continue  # the copy in attention_blocks.0 stands for both
+            continue
         kept[key] = value
-    return _rename(kept, _local_to_diffusers, _local_to_original, "original")
+    return _rename(kept, to_diffusers=True)
 
 
 def diffusers_motion_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
     """diffusers MotionAdapter names -> original AnimateDiff names (a block's pe goes to both attentions)."""
-    out = _rename(sd, _local_to_original, _local_to_diffusers, "diffusers")
+    out = _rename(sd, to_diffusers=False)
     for key in [k for k in out if _ORIG_PE.search(k)]:
         out[key.replace("attention_blocks.0.pos_encoder", "attention_blocks.1.pos_encoder")] = out[key]
     return out
@@ -181,7 +149,7 @@ def check_pe(sd: Mapping[str, Any], max_len: int | None = None) -> int | None:
 
 
 def detect_motion_version(sd: Mapping[str, Any]) -> str:
-    """Return "v1", "v2" or "v3" for a whole motion-module file, in either naming (formats doc §2b)."""
+    """Return "v1", "v2" or "v3" for a whole motion-module file, in either naming."""
     if not any("motion_modules." in k for k in sd):
         raise ConversionError(
             "no AnimateDiff motion-module keys (`...motion_modules.N....`) in this state dict"

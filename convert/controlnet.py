@@ -16,16 +16,11 @@ condition and embedding channels, width, context dim, projection type) read off 
 Export (`--export diffusers|original`): a bundle back to a diffusers folder (config.json + safetensors), or
 to the original v1.1 control-only layout (`control_model.*` in one .safetensors). Both are bit-exact.
 
-Original <-> diffusers names: the encoder half uses the UNet's rules (convert.ldm_keys); the rest is
-  input_hint_block.0 <-> controlnet_cond_embedding.conv_in
-  input_hint_block.{2,4,...,2n} <-> controlnet_cond_embedding.blocks.{0..n-1}   (odd indices are SiLUs)
-  input_hint_block.{2n+2} <-> controlnet_cond_embedding.conv_out
-  zero_convs.{i}.0 <-> controlnet_down_blocks.{i};  middle_block_out.0 <-> controlnet_mid_block
+Original <-> diffusers names are the table in convert.controlnet_keys.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,28 +29,29 @@ from typing import Any
 
 import xdyna_jax
 from convert import ldm_keys
+from convert.controlnet_keys import CONTROL_PREFIX, diffusers_to_original, original_to_diffusers
 from convert.export import export_diffusers
 from convert.io import (
     ConversionError,
     atomic_output_dir,
     find_weights_file,
+    key_list,
+    read_json,
     read_state_dict,
+    refuse_existing_output,
+    write_manifest,
     write_safetensors,
 )
-from convert.state import export_torch_state, load_torch_state
+from convert.sd_structure import sd1x_unet_fields
+from convert.state import export_torch_state, load_torch_state, tensor_shape
 from xdyna_jax.bundle import BundleError, read_meta
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.nn.shape_only import shape_only_model
 
-CONTROL_PREFIX = "control_model."
 # The rest of a v1.0 ControlLDM file: the SD model it was trained against (not part of the ControlNet).
 _FULL_MODEL_PREFIXES = (ldm_keys.UNET_PREFIX, ldm_keys.VAE_PREFIX, "cond_stage_model.", "model_ema.")
-# Original names of the ControlNet-only parts; everything else in `control_model.*` is UNet encoder.
-_ORIGINAL_EXTRA = ("input_hint_block.", "zero_convs.", "middle_block_out.")
-_DIFFUSERS_EXTRA = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
-
-
 _HINT = "\n  (read as SD 1.5's ControlNet structure; pass --config-from if the file has another one)"
+_NO_CONFIG_HINT = "not an SD 1.x-shaped ControlNet? Pass --config-from with the matching diffusers config"
 
 
 @dataclass
@@ -70,141 +66,32 @@ class Source:
     derived: bool = False  # config read off the tensors as SD 1.5's structure (no config given)
 
 
-# ------------------------------------------------------------------------------------------ key mapping
-
-
-def _structure(cfg: ControlNetConfig) -> dict:
-    attention = tuple(t.startswith("CrossAttn") for t in cfg.down_block_types)
-    return dict(layers_per_block=cfg.layers_per_block, n_blocks=len(attention), attention_blocks=attention)
-
-
-def _split(sd: Mapping[str, Any], extra: tuple[str, ...]) -> tuple[dict, dict]:
-    encoder = {k: v for k, v in sd.items() if not k.startswith(extra)}
-    return encoder, {k: v for k, v in sd.items() if k.startswith(extra)}
-
-
-def _rename_all(sd: Mapping[str, Any], rename, what: str) -> dict[str, Any]:
-    """Apply `rename(key) -> new key | None` to every key; one error lists the keys with no mapping."""
-    out, unmapped = {}, []
-    for key, value in sd.items():
-        new = rename(key)
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    if unmapped:
-        raise ConversionError(
-            f"{what}: {len(unmapped)} key(s) have no mapping: " + ", ".join(sorted(unmapped)[:20])
-        )
-    return out
-
-
-def _hint_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """input_hint_block / zero_convs / middle_block_out -> diffusers names (see the module docstring)."""
-    hint = [int(m.group(1)) for k in sd if (m := re.match(r"input_hint_block\.(\d+)\.", k))]
-    last = max(hint, default=0)
-
-    def rename(key: str) -> str | None:
-        if m := re.fullmatch(r"input_hint_block\.(\d+)\.(weight|bias)", key):
-            i, leaf = int(m.group(1)), m.group(2)
-            if i == 0:
-                return f"controlnet_cond_embedding.conv_in.{leaf}"
-            if i == last:
-                return f"controlnet_cond_embedding.conv_out.{leaf}"
-            return f"controlnet_cond_embedding.blocks.{i // 2 - 1}.{leaf}" if i % 2 == 0 else None
-        if m := re.fullmatch(r"zero_convs\.(\d+)\.0\.(weight|bias)", key):
-            return f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"
-        if m := re.fullmatch(r"middle_block_out\.0\.(weight|bias)", key):
-            return f"controlnet_mid_block.{m.group(1)}"
-        return None
-
-    return _rename_all(sd, rename, "original ControlNet -> diffusers")
-
-
-def _hint_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `_hint_to_diffusers`."""
-    blocks = [
-        int(m.group(1)) for k in sd if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))
-    ]
-    n = max(blocks, default=-1) + 1
-
-    def rename(key: str) -> str | None:
-        if m := re.fullmatch(r"controlnet_cond_embedding\.conv_in\.(weight|bias)", key):
-            return f"input_hint_block.0.{m.group(1)}"
-        if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)", key):
-            return f"input_hint_block.{2 * int(m.group(1)) + 2}.{m.group(2)}"
-        if m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(weight|bias)", key):
-            return f"input_hint_block.{2 * n + 2}.{m.group(1)}"
-        if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
-            return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
-        if m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
-            return f"middle_block_out.0.{m.group(1)}"
-        return None
-
-    return _rename_all(sd, rename, "diffusers ControlNet -> original")
-
-
-def original_to_diffusers(sd: Mapping[str, Any], config: ControlNetConfig) -> dict[str, Any]:
-    """Original ControlNet keys (without `control_model.`) -> diffusers ControlNetModel keys."""
-    encoder, extra = _split(sd, _ORIGINAL_EXTRA)
-    return {**ldm_keys.ldm_unet_to_diffusers(encoder, **_structure(config)), **_hint_to_diffusers(extra)}
-
-
-def diffusers_to_original(sd: Mapping[str, Any], config: ControlNetConfig) -> dict[str, Any]:
-    """Exact inverse of `original_to_diffusers` (keys without `control_model.`)."""
-    encoder, extra = _split(sd, _DIFFUSERS_EXTRA)
-    return {**ldm_keys.diffusers_unet_to_ldm(encoder, **_structure(config)), **_hint_to_original(extra)}
-
-
 # ----------------------------------------------------------------------------------------------- reading
 
 
 def _read_config(path: Path) -> ControlNetConfig:
     """A diffusers ControlNet config: a folder holding config.json, or the json file itself."""
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConversionError(f"missing config file {file}")
     try:
-        return ControlNetConfig.from_diffusers(json.loads(file.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file} is not valid JSON: {e}") from e
+        return ControlNetConfig.from_diffusers(read_json(file, "config"))
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{file}: {e}") from e
 
 
-def _shape(state: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
-    if key not in state:
-        raise ConversionError(
-            f"{source}: expected key {key!r} is missing; not an SD 1.x-shaped ControlNet? "
-            "Pass --config-from with the matching diffusers config"
-        )
-    return tuple(state[key].shape)
-
-
 def sd15_config(state: Mapping[str, Any], source: str) -> ControlNetConfig:
     """SD 1.5's ControlNet structure, with the sizes variants change read off the (diffusers-named) tensors."""
-    mc, cin = _shape(state, "conv_in.weight", source)[:2]
-    emb0, cond = _shape(state, "controlnet_cond_embedding.conv_in.weight", source)[:2]
-    blocks = {
-        int(m.group(1)) for k in state if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))
-    }
+    embedding = "controlnet_cond_embedding."
+    emb0, cond = tensor_shape(state, embedding + "conv_in.weight", source, _NO_CONFIG_HINT)[:2]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{embedding}blocks\.(\d+)\.", k))}
     # blocks come in pairs (same-width conv, stride-2 conv to the next width): the odd ones give the widths
     widths = [
-        _shape(state, f"controlnet_cond_embedding.blocks.{i}.weight", source)[0] for i in sorted(blocks)[1::2]
+        tensor_shape(state, f"{embedding}blocks.{i}.weight", source, _NO_CONFIG_HINT)[0]
+        for i in sorted(blocks)[1::2]
     ]
-    attn = "down_blocks.0.attentions.0."
-    context = _shape(state, attn + "transformer_blocks.0.attn2.to_k.weight", source)[1]
-    if context == 1024:  # SD 2.x: heads are not derivable from shapes (64-channel heads, not 8 heads)
-        raise ConversionError(
-            f"{source}: looks like an SD 2.x ControlNet (context dim 1024); pass --config-from with its config"
-        )
     return ControlNetConfig(
-        in_channels=cin,
+        **sd1x_unet_fields(state, source, _NO_CONFIG_HINT),
         conditioning_channels=cond,
         conditioning_embedding_out_channels=(emb0, *widths),
-        block_out_channels=(mc, 2 * mc, 4 * mc, 4 * mc),
-        cross_attention_dim=context,
-        use_linear_projection=len(_shape(state, attn + "proj_in.weight", source)) == 2,
     )
 
 
@@ -225,7 +112,7 @@ def _not_a_controlnet(path: Path, keys: list[str]) -> ConversionError:
     elif has("text_model.") or has("embeddings."):
         guess = "a CLIP text encoder"
     else:
-        guess = "an unknown model (first keys: " + ", ".join(keys[:5]) + ")"
+        guess = f"an unknown model ({key_list(keys, limit=5)})"
     return ConversionError(
         f"{path} is not a ControlNet checkpoint: it has none of controlnet_cond_embedding.*, control_model.*, "
         f"input_hint_block.*; it looks like {guess}"
@@ -244,8 +131,7 @@ def _split_original(sd: dict, path: Path) -> tuple[dict, list[str], bool]:
             unknown.append(key)
     if unknown:
         raise ConversionError(
-            f"{path}: {len(unknown)} key(s) are neither control_model.* nor parts of the SD model: "
-            + ", ".join(sorted(unknown)[:20])
+            f"{path}: neither control_model.* nor parts of the SD model: {key_list(sorted(unknown))}"
         )
     full = any(k.startswith(ldm_keys.UNET_PREFIX) for k in ignored)
     return control, sorted(ignored), full
@@ -319,7 +205,7 @@ def convert_controlnet(
             "config_from": str(Path(config_from).absolute()) if config_from else None,
             "ignored_keys": source.ignored,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return output
 
 
@@ -349,8 +235,7 @@ def export_controlnet(
         raise ConversionError(f"unknown layout {layout!r}; use 'diffusers' or 'original'")
     if output.suffix != ".safetensors":
         raise ConversionError(f"original-layout export writes one .safetensors file; got output {output}")
-    if output.exists() and not overwrite:
-        raise ConversionError(f"{output} already exists (pass --overwrite to replace it)")
+    refuse_existing_output(output, overwrite)
     write_safetensors(original_state(xdyna_jax.load(bundle)), output, metadata={"format": "pt"})
     return output
 

@@ -1,8 +1,10 @@
-"""Read PyTorch checkpoints as numpy, write safetensors, and create output folders atomically.
+"""Read PyTorch checkpoints as numpy; write safetensors, JSON and output folders atomically.
 
 Every failure a user can cause (missing, truncated or unsafe file, a folder without weights, an existing
-output) surfaces as one `ConversionError` whose message names the file, so the CLI can print it and exit.
-PyTorch is only imported for pickle-based files (.ckpt/.pth/.pt/.bin); .safetensors needs numpy alone.
+output, a broken config) surfaces as one `ConversionError` whose message names the file, so the CLI can print
+it and exit. PyTorch is only imported for pickle-based files (.ckpt/.pth/.pt/.bin); .safetensors needs numpy
+alone (bf16 through ml_dtypes, which JAX depends on). Everything written gets the permissions of a normal
+file or folder (0o666 / 0o777 less the umask), not the private 0o600 / 0o700 of a temp file.
 """
 
 from __future__ import annotations
@@ -12,23 +14,32 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
     "ConversionError",
+    "atomic_file",
     "atomic_output_dir",
     "find_weights_file",
+    "key_list",
+    "read_json",
     "read_state_dict",
+    "refuse_existing_output",
+    "write_json",
+    "write_manifest",
     "write_safetensors",
+    "write_scheduler_config",
 ]
 
 _TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+# numpy does not count ml_dtypes' bfloat16 as np.floating, so it is named explicitly.
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # Keys that wrap the real state dict in training checkpoints (Lightning, DDP scripts, X-Dyna, AnimateDiff).
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
@@ -79,10 +90,7 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
 
 def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
     """diffusers/transformers shard index: `{"weight_map": {tensor name: shard file name}}`."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"cannot read shard index {index_path}: no valid 'weight_map' ({e})") from e
+    weight_map = read_json(index_path, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"cannot read shard index {index_path}: 'weight_map' is empty or not a mapping")
 
@@ -95,7 +103,7 @@ def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
     missing = [k for k in weight_map if k not in tensors]
     if missing:
         raise ConversionError(
-            f"{index_path} lists {len(missing)} tensor(s) that its shards do not contain: {_preview(missing)}"
+            f"{index_path} lists tensors that its shards do not contain: {key_list(missing)}"
         )
     return tensors
 
@@ -104,39 +112,15 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     try:
-        out = {}
+        # safetensors hands bf16 tensors to numpy as ml_dtypes.bfloat16; _to_numpy widens them exactly.
         with safe_open(str(path), framework="np") as f:
-            for key in f.keys():
-                if f.get_slice(key).get_dtype() == "BF16":
-                    out[key] = _read_bf16(path, key)  # numpy has no bfloat16: see _read_bf16
-                else:
-                    out[key] = _to_numpy(f.get_tensor(key), path, key)
-        return out
+            return {key: _to_numpy(f.get_tensor(key), path, key) for key in f.keys()}
     except ConversionError:
         raise
     except Exception as e:
         raise ConversionError(
             f"cannot read {path}: it is truncated or not a safetensors checkpoint ({_brief(e)})"
         ) from e
-
-
-def _read_bf16(path: Path, key: str) -> np.ndarray:
-    """Decode one bf16 tensor straight from the file via ml_dtypes (a JAX dependency), so torch is not needed.
-
-    Layout (safetensors spec): u64 little-endian header size, JSON header with `data_offsets` relative to the
-    end of the header, then the raw little-endian buffer. bf16 -> float32 is exact.
-    """
-    import ml_dtypes
-
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(header_size))[key]
-        start, end = info["data_offsets"]
-        f.seek(8 + header_size + start)
-        raw = f.read(end - start)
-    if len(raw) != end - start:
-        raise ConversionError(f"cannot read {path}: it is truncated (tensor {key!r} is cut short)")
-    return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -245,7 +229,7 @@ def _torch_to_numpy(t: Any, path: Path, key: str) -> np.ndarray:
 
 
 def _to_numpy(a: np.ndarray, path: Path, key: str) -> np.ndarray:
-    if np.issubdtype(a.dtype, np.floating):
+    if np.issubdtype(a.dtype, np.floating) or a.dtype == _BFLOAT16:
         return a.astype(np.float32, copy=False)
     if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
         return a
@@ -261,13 +245,40 @@ def _strip_common_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[st
 # --------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; the body writes it, and it replaces `path` only if the body succeeds.
+
+    A crash mid-write therefore never leaves a half-written file under the final name. The file gets a normal
+    file's permissions (mkstemp makes it private). Failures other than KeyboardInterrupt & co. become one
+    ConversionError naming `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, ConversionError):
+            raise ConversionError(f"cannot write {path}: {_brief(e)}") from e
+        raise
+
+
 def write_safetensors(
     tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write `{name: array}` to `path` atomically (temp file in the same folder, then os.replace).
-
-    A crash mid-write therefore never leaves a half-written file under the final name.
-    """
+    """Write `{name: array}` to `path` atomically (see `atomic_file`)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -280,19 +291,50 @@ def write_safetensors(
         if not isinstance(name, str):
             raise ConversionError(f"cannot write {path}: tensor name {name!r} is not a string")
         arrays[name] = np.ascontiguousarray(np.asarray(value))  # safetensors needs C-contiguous buffers
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, Exception):  # disk full, unsupported dtype, ...; let KeyboardInterrupt through
-            raise ConversionError(f"cannot write {path}: {_brief(e)}") from e
-        raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from `path`; `what` ("config", "shard index", ...) names the file in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"missing {what} file {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ConversionError(f"cannot read {what} file {path}: {_brief(e)}") from e
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{what} file {path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON (with a final newline) at `path`, atomically; values JSON lacks become str."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """The converter's record of what it read and left out: `folder/manifest.json`."""
+    write_json(Path(folder) / "manifest.json", dict(manifest))
+
+
+def write_scheduler_config(folder: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """`folder/scheduler/scheduler_config.json` as diffusers writes it (DDIM unless `config` names a class)."""
+    write_json(
+        Path(folder) / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **config}
+    )
+
+
+def refuse_existing_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """The one check before writing an output: an existing file or folder needs `overwrite`."""
+    path = Path(path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise ConversionError(
+            f"output {path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 @contextlib.contextmanager
@@ -303,13 +345,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     existing output is left untouched). An existing `path` is refused up front unless `overwrite`.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ConversionError(
-            f"output {path} already exists; pass overwrite=True (--overwrite) to replace it"
-        )
+    refuse_existing_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
         yield tmp
         _move_into_place(tmp, path, overwrite)
     except BaseException:
@@ -321,10 +361,7 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     if not path.exists() and not path.is_symlink():
         os.rename(tmp, path)
         return
-    if not overwrite:  # appeared while we were writing
-        raise ConversionError(
-            f"output {path} already exists; pass overwrite=True (--overwrite) to replace it"
-        )
+    refuse_existing_output(path, overwrite)  # it appeared while we were writing
     # Move the old output aside first so that `path` is never missing the old AND the new content.
     old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
     os.replace(path, old / "content")
@@ -368,8 +405,8 @@ def find_weights_file(folder: str | os.PathLike, stem: str | Sequence[str]) -> P
             return folder / name
     present = sorted(p.name for p in folder.iterdir())
     raise ConversionError(
-        f"no weights file in {folder}: looked for {', '.join(candidates)}; the folder holds: "
-        f"{_preview(present) if present else '(nothing)'}"
+        f"no weights file in {folder}: looked for {', '.join(candidates)}; the folder holds "
+        + (key_list(present, noun="file") if present else "nothing")
     )
 
 
@@ -383,6 +420,27 @@ def _brief(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _preview(items: Sequence[str], limit: int = 20) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+def key_list(keys: Sequence[str], limit: int = 20, noun: str = "key") -> str:
+    """`N key(s): a, b, ... and K more`: the one way converters list keys (or files) in an error."""
+    keys = list(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} {noun}(s): " + ", ".join(keys[:limit]) + more
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def release_memory() -> None:
+    """Free what a finished conversion step dropped and hand it back to the OS before the next step reads.
+
+    gc breaks reference cycles; malloc_trim returns the freed pages glibc keeps in its per-thread arenas
+    (tensorstore's reader threads allocate there, and the main thread's next allocations cannot reuse them).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+        pass

@@ -5,18 +5,15 @@ The .bin holds two groups (read_state_dict flattens them to `image_proj.*` / `ip
   ip_adapter  `{n}.to_k_ip.weight`, `{n}.to_v_ip.weight`, n = 1, 3, 5, ...: the n-th processor of diffusers'
               `unet.attn_processors` (attn1, attn2 alternate, so odd n are the attn2 layers)
                                                                   -> `ip_attention.safetensors` (+ .json)
-`ip_attention.safetensors` keeps PyTorch names and layout, renamed to the UNet's attn2 paths
-(`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k_ip.weight`), so the UNet converter can merge it
-into a UNet state dict. The image encoder (a transformers CLIPVisionModelWithProjection folder) becomes the
+`ip_attention.safetensors` keeps PyTorch names and layout, renamed to the UNet's attn2 paths by the table in
+convert.ip_adapter_keys (`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k_ip.weight`), so the UNet
+converter can merge it into a UNet state dict. The image encoder (a transformers CLIPVisionModelWithProjection folder) becomes the
 bundle `image_encoder/`. `export_ip_adapter` writes the original .bin back.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,89 +22,36 @@ import numpy as np
 import xdyna_jax
 from convert.io import (
     ConversionError,
+    atomic_file,
     atomic_output_dir,
     find_weights_file,
+    key_list,
+    read_json,
     read_state_dict,
+    write_json,
+    write_manifest,
     write_safetensors,
 )
-from convert.state import export_torch_state, load_torch_state
+from convert.ip_adapter_keys import (
+    IP_PROJECTIONS,
+    attn2_channels,
+    attn2_to_ip,
+    ip_adapter_attn2_names,
+    ip_to_attn2,
+    processor_indices,
+)
+from convert.state import export_torch_state, load_torch_state, tensor_shape
 from xdyna_jax.bundle import BundleError, read_meta
 from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
 from xdyna_jax.models.unet import UNetConfig
-from xdyna_jax.models.unet_blocks import block_has_cross_attention
 from xdyna_jax.nn.shape_only import shape_only_model
 
 IMAGE_PROJ, IP_ADAPTER = "image_proj.", "ip_adapter."
-IP_PROJECTIONS = ("to_k_ip", "to_v_ip")
 # Every released IP-Adapter Resampler uses 64-dim heads; the file only gives heads * dim_head.
 DEFAULT_DIM_HEAD = 64
 # A buffer older transformers saved with the weights; positions are implicit in our model.
 _ENCODER_IGNORE = (r"^vision_model\.embeddings\.position_ids$",)
-_ATTN2 = re.compile(
-    r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$"
-)
-_GROUP_RANK = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
-
-
-# ------------------------------------------------------------------------------------------ attn2 order
-
-
-def ip_adapter_attn2_names(cfg: UNetConfig) -> list[str]:
-    """The UNet's cross-attention (attn2) module paths in diffusers' `attn_processors` order.
-
-    That order is the modules' registration order in diffusers' UNet2DConditionModel: down blocks, then up
-    blocks, then the mid block (created after the up_blocks list is registered), each block's attentions and
-    transformer blocks in index order. The k-th name owns IP-Adapter keys `{2k+1}.to_{k,v}_ip.weight`.
-    """
-    layers = range(cfg.transformer_layers_per_block)
-
-    def block(prefix: str, n_attentions: int) -> list[str]:
-        return [
-            f"{prefix}.attentions.{j}.transformer_blocks.{t}.attn2"
-            for j in range(n_attentions)
-            for t in layers
-        ]
-
-    names = []
-    for i, kind in enumerate(cfg.down_block_types):
-        if block_has_cross_attention(kind):
-            names += block(f"down_blocks.{i}", cfg.layers_per_block)
-    for i, kind in enumerate(cfg.up_block_types):
-        if block_has_cross_attention(kind):
-            names += block(f"up_blocks.{i}", cfg.layers_per_block + 1)
-    return names + block("mid_block", 1)
-
-
-def _attn2_channels(cfg: UNetConfig, name: str) -> int:
-    group, index = _parse_attn2(name)[:2]
-    ch = cfg.block_out_channels
-    return {"down_blocks": ch[index], "up_blocks": ch[::-1][index], "mid_block": ch[-1]}[group]
-
-
-def _parse_attn2(name: str) -> tuple[str, int, int, int]:
-    m = _ATTN2.match(name)
-    if not m:
-        raise ConversionError(
-            f"{name!r} is not a UNet attn2 path (e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2)"
-        )
-    group, block, attention, layer = m.groups()
-    return group, int(block or 0), int(attention), int(layer)
-
-
-def processor_indices(names) -> dict[str, int]:
-    """attn2 path -> IP-Adapter key index (1, 3, 5, ...), from the paths alone.
-
-    Sorting (down < up < mid, then block, attention, transformer layer, numerically) reproduces the
-    attn_processors order, so an exported file needs no UNet config.
-    """
-
-    def order(name: str) -> tuple[int, ...]:
-        group, *indices = _parse_attn2(name)
-        return (_GROUP_RANK[group], *indices)
-
-    ordered = sorted(names, key=order)
-    return {name: 2 * k + 1 for k, name in enumerate(ordered)}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -121,7 +65,7 @@ def split_groups(state: Mapping[str, np.ndarray], source: str) -> tuple[dict, di
     if not image_proj and not ip:
         raise ConversionError(
             f"{source}: not an IP-Adapter checkpoint: no image_proj.* or ip_adapter.* tensors "
-            f"(it holds e.g. {', '.join(other[:5])})"
+            f"(it holds {key_list(other, limit=5)})"
         )
     if "latents" not in image_proj:
         if "proj.weight" in image_proj:
@@ -145,22 +89,20 @@ def split_groups(state: Mapping[str, np.ndarray], source: str) -> tuple[dict, di
         )
     if other:
         raise ConversionError(
-            f"{source}: unexpected tensors outside image_proj / ip_adapter: {', '.join(other[:10])}"
+            f"{source}: unexpected tensors outside image_proj / ip_adapter: {key_list(other)}"
         )
     return image_proj, ip
 
 
-def _shape(state: Mapping, key: str, source: str) -> tuple[int, ...]:
-    if key not in state:
-        raise ConversionError(f"{source}: expected key image_proj.{key} is missing")
-    return tuple(state[key].shape)
-
-
 def resampler_config(image_proj: Mapping[str, np.ndarray], source: str, dim_head: int = DEFAULT_DIM_HEAD):
     """The Resampler's sizes read off its tensors (heads = to_q rows / dim_head)."""
-    _, queries, dim = _shape(image_proj, "latents", source)
-    inner = _shape(image_proj, "layers.0.0.to_q.weight", source)[0]
-    ff_inner = _shape(image_proj, "layers.0.1.1.weight", source)[0]
+
+    def _shape(key: str) -> tuple[int, ...]:
+        return tensor_shape(image_proj, key, f"{source} (image_proj)")
+
+    _, queries, dim = _shape("latents")
+    inner = _shape("layers.0.0.to_q.weight")[0]
+    ff_inner = _shape("layers.0.1.1.weight")[0]
     if inner % dim_head or ff_inner % dim:
         raise ConversionError(
             f"{source}: cannot infer the Resampler: to_q has {inner} rows (not a multiple of "
@@ -173,8 +115,8 @@ def resampler_config(image_proj: Mapping[str, np.ndarray], source: str, dim_head
         dim_head=dim_head,
         heads=inner // dim_head,
         num_queries=queries,
-        embedding_dim=_shape(image_proj, "proj_in.weight", source)[1],
-        output_dim=_shape(image_proj, "proj_out.weight", source)[0],
+        embedding_dim=_shape("proj_in.weight")[1],
+        output_dim=_shape("proj_out.weight")[0],
         ff_mult=ff_inner // dim,
     )
 
@@ -188,12 +130,12 @@ def build_resampler(image_proj: Mapping[str, np.ndarray], source: str, dim_head:
 def ip_attention_state(ip: Mapping[str, np.ndarray], unet: UNetConfig, source: str) -> dict[str, np.ndarray]:
     """`{n}.to_k_ip.weight` -> `<attn2 path>.to_k_ip.weight` (PyTorch layout [out, in]), shapes checked."""
     names = ip_adapter_attn2_names(unet)
-    expected = {f"{2 * k + 1}.{p}.weight": name for k, name in enumerate(names) for p in IP_PROJECTIONS}
-    missing = sorted(set(expected) - set(ip), key=lambda k: int(k.split(".")[0]))
-    unexpected = sorted(set(ip) - set(expected))
+    expected = {f"{2 * k + 1}.{p}.weight" for k in range(len(names)) for p in IP_PROJECTIONS}
+    missing = sorted(expected - set(ip), key=lambda k: (int(k.split(".")[0]), k))
+    unexpected = sorted(set(ip) - expected)
     if missing or unexpected:
         lines = [
-            f"\n  {title}: " + ", ".join("ip_adapter." + k for k in keys[:10])
+            f"\n  {title}: " + key_list(["ip_adapter." + k for k in keys])
             for title, keys in (("missing", missing), ("unexpected", unexpected))
             if keys
         ]
@@ -202,24 +144,15 @@ def ip_attention_state(ip: Mapping[str, np.ndarray], unet: UNetConfig, source: s
             f"keys 1..{2 * len(names) - 1} expected; pass --unet-config if the UNet is not SD 1.5's)"
             + "".join(lines)
         )
-    out, bad = {}, []
-    for key, name in expected.items():
-        want = (_attn2_channels(unet, name), unet.cross_attention_dim)
+    bad = []
+    for key in sorted(expected, key=lambda k: int(k.split(".")[0])):
+        name = names[int(key.split(".")[0]) // 2]
+        want = (attn2_channels(unet, name), unet.cross_attention_dim)
         if tuple(ip[key].shape) != want:
             bad.append(f"ip_adapter.{key} ({name}): file {tuple(ip[key].shape)} vs UNet {want}")
-        out[f"{name}.{key.split('.')[1]}.weight"] = np.asarray(ip[key], np.float32)
     if bad:
         raise ConversionError(f"{source}: mis-shaped IP-Adapter projections:\n  " + "\n  ".join(bad[:10]))
-    return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"missing config file {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    return {k: np.asarray(v, np.float32) for k, v in ip_to_attn2(ip, names, source).items()}
 
 
 def build_image_encoder(folder: str | os.PathLike) -> CLIPVisionModelWithProjection:
@@ -227,7 +160,7 @@ def build_image_encoder(folder: str | os.PathLike) -> CLIPVisionModelWithProject
     folder = Path(folder)
     if not folder.is_dir():
         raise ConversionError(f"no such image encoder folder: {folder}")
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json", "config")
     if raw.get("model_type") != "clip_vision_model":
         raise ConversionError(
             f"{folder / 'config.json'}: model_type {raw.get('model_type')!r}, expected 'clip_vision_model' "
@@ -250,10 +183,10 @@ def _unet_config(path: str | os.PathLike | None) -> UNetConfig:
     try:
         if (path / "model.json").is_file():
             meta = read_meta(path)
-            if meta["kind"] != "unet":
+            if meta["kind"] not in ("unet", "video_unet"):
                 raise ConversionError(f"{path} holds a {meta['kind']!r} bundle, not a unet")
             return UNetConfig.from_dict(meta["config"])
-        return UNetConfig.from_diffusers(_read_json(path / "config.json" if path.is_dir() else path))
+        return UNetConfig.from_diffusers(read_json(path / "config.json" if path.is_dir() else path, "config"))
     except (BundleError, TypeError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from e
 
@@ -297,20 +230,19 @@ def convert_ip_adapter(
         else:
             print("note: no image_encoder written; pass --image-encoder DIR to include one")
         write_safetensors(attn, tmp / "ip_attention.safetensors", metadata={"format": "pt"})
-        names = ip_adapter_attn2_names(unet)
         info = {
             "num_tokens": rcfg.num_queries,  # image-prompt tokens appended to the text context
             "cross_attention_dim": unet.cross_attention_dim,
             "scale": 1.0,  # X-Dyna's IP-Adapter scale
-            "processor_index": {name: 2 * k + 1 for k, name in enumerate(names)},
+            "processor_index": processor_indices(ip_adapter_attn2_names(unet)),
         }
-        (tmp / "ip_attention.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_json(tmp / "ip_attention.json", info)
         manifest = {
             "converter": "ip-adapter",
             "source": str(src.absolute()),
             "image_encoder": str(Path(image_encoder).absolute()) if image_encoder is not None else None,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return output
 
 
@@ -338,41 +270,29 @@ def export_ip_adapter(
     except BundleError as e:
         raise ConversionError(str(e)) from e
     attn = read_state_dict(ip_attention_file)
-    by_name: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in attn.items():
+    layers: dict[str, set[str]] = {}
+    for key in attn:
         name, _, leaf = key.rpartition(".")[0].rpartition(".")
         if leaf not in IP_PROJECTIONS or not key.endswith(".weight"):
             raise ConversionError(
                 f"{ip_attention_file}: unexpected tensor {key!r} (only *.to_k_ip/to_v_ip.weight)"
             )
-        by_name.setdefault(name, {})[leaf] = value
-    incomplete = sorted(n for n, d in by_name.items() if set(d) != set(IP_PROJECTIONS))
+        layers.setdefault(name, set()).add(leaf)
+    incomplete = sorted(n for n, found in layers.items() if found != set(IP_PROJECTIONS))
     if incomplete:
         raise ConversionError(
             f"{ip_attention_file}: layers without both to_k_ip and to_v_ip: {incomplete[:5]}"
         )
-    indices = processor_indices(by_name)
-    ip = {
-        f"{indices[name]}.{p}.weight": by_name[name][p]
-        for name in sorted(by_name, key=indices.__getitem__)
-        for p in IP_PROJECTIONS
-    }
+    ip = attn2_to_ip(attn, str(ip_attention_file))
+    ip = {k: ip[k] for k in sorted(ip, key=lambda k: int(k.split(".")[0]))}  # the original file's order
     tdtype = getattr(torch, dtype)
 
     def tensors(group: Mapping[str, np.ndarray]) -> dict:
         return {k: torch.tensor(v).to(tdtype) for k, v in group.items()}  # copies: arrays may be read-only
 
-    out_bin = Path(out_bin)
-    out_bin.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_bin.parent, prefix=f".{out_bin.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(out_bin) as tmp:
         torch.save({"image_proj": tensors(export_torch_state(resampler)), "ip_adapter": tensors(ip)}, tmp)
-        os.replace(tmp, out_bin)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_bin
+    return Path(out_bin)
 
 
 # ------------------------------------------------------------------------------------------ CLI

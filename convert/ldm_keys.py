@@ -1,12 +1,7 @@
 """Key names: original single-file LDM (CompVis) layout <-> diffusers / transformers names, for SD 1.x.
 
-Pure renames (plus the VAE attention 1x1-conv <-> linear reshape), no numerics, both directions. Values are
-passed through untouched, so numpy arrays, torch tensors and JAX arrays all work.
-
-Each component is described by a table of (LDM prefix, diffusers prefix, kind) rows built from the model
-config; a key is mapped by its longest matching prefix, and the kind says how the rest of the name changes.
-One table serves both directions, so the two directions are exact inverses by construction. A key that
-matches no row is never dropped: the whole call fails with a ConversionError listing the unmapped keys.
+Pure renames (plus the VAE attention 1x1-conv <-> linear reshape), both directions: each component is a
+table of rows (convert.key_tables) built from the model config or read off the key names.
 """
 
 from __future__ import annotations
@@ -15,7 +10,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from convert.io import ConversionError
+from convert.io import ConversionError, key_list
+from convert.key_tables import PARAM, PASS, KeyTable, Rest, Row
 
 __all__ = [
     "CLIP_PREFIX",
@@ -29,6 +25,8 @@ __all__ = [
     "ldm_vae_to_diffusers",
     "normalize_legacy_vae_keys",
     "split_single_file",
+    "unet_encoder_rows",
+    "unet_structure",
 ]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -37,146 +35,77 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 
 # Buffers of LDM's DDPM wrapper: the noise schedule, recomputed by our schedulers, never weights.
 _SCHEDULE_BUFFERS = frozenset(
-    {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance",
-        "posterior_log_variance_clipped",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
-        "lvlb_weights",
-        "logvar",
-    }
+    "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod "
+    "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
+    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 lvlb_weights logvar".split()
 )
 
-# ---------------------------------------------------------------------------------------- table machinery
+# ------------------------------------------------------------------------------------------- row kinds
 
-# Row kinds: how the part of the name after the matched prefix changes.
-_PARAM = "param"  # rest is exactly `weight` or `bias`
-_PASS = "pass"  # rest unchanged (SpatialTransformer internals share names in both layouts)
-_UNET_RESNET = "unet_resnet"
-_VAE_RESNET = "vae_resnet"
-_VAE_ATTN = "vae_attn"
+
+def _vae_attention_reshape(value: Any, original_rest: str, to_diffusers: bool) -> Any:
+    """VAE mid attention q/k/v/proj_out weights: LDM [C,C,1,1] conv <-> diffusers [C,C] linear."""
+    if original_rest not in ("q.weight", "k.weight", "v.weight", "proj_out.weight"):
+        return value
+    if not to_diffusers:
+        return value[:, :, None, None] if value.ndim == 2 else value
+    if value.ndim == 4:
+        return value[:, :, 0, 0]
+    if value.ndim == 3:  # very old checkpoints stored proj_out as Conv1d
+        return value[:, :, 0]
+    return value
+
 
 # LDM sub-module name -> diffusers name, inside one residual / attention block.
-_RENAMES: dict[str, dict[str, str]] = {
-    _UNET_RESNET: {
+_UNET_RESNET = Rest(
+    {
         "in_layers.0": "norm1",
         "in_layers.2": "conv1",
         "emb_layers.1": "time_emb_proj",
         "out_layers.0": "norm2",
         "out_layers.3": "conv2",
         "skip_connection": "conv_shortcut",
-    },
-    _VAE_RESNET: {
-        "norm1": "norm1",
-        "conv1": "conv1",
-        "norm2": "norm2",
-        "conv2": "conv2",
-        "nin_shortcut": "conv_shortcut",
-    },
-    _VAE_ATTN: {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"},
-}
-# VAE mid attention: LDM uses 1x1 Conv2d for these, diffusers Linear (names on either side).
-_VAE_ATTN_PROJECTIONS = frozenset({"q", "k", "v", "proj_out", "to_q", "to_k", "to_v", "to_out.0"})
-
-_Row = tuple[str, str, str]  # (ldm prefix, diffusers prefix, kind); prefixes end with "."
+    }
+)
+_VAE_RESNET = Rest(
+    {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+)
+_VAE_ATTN = Rest(
+    {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"},
+    reshape=_vae_attention_reshape,
+)
+_SINGLE_FILE_HINT = "keys still carry the single-file prefix: run split_single_file first"
 
 
-def _map_rest(rest: str, kind: str, to_diffusers: bool) -> str | None:
-    """Rename the tail of a key after its matched prefix, or None if the tail is not a known name."""
-    if kind == _PASS:
-        return rest
-    sub, _, leaf = rest.rpartition(".")
-    if leaf not in ("weight", "bias"):
-        return None
-    if kind == _PARAM:
-        return rest if not sub else None
-    renames = _RENAMES[kind] if to_diffusers else {v: k for k, v in _RENAMES[kind].items()}
-    return f"{renames[sub]}.{leaf}" if sub in renames else None
-
-
-def _reshape(value: Any, rest: str, kind: str, to_diffusers: bool) -> Any:
-    """VAE attention q/k/v/proj_out weights: LDM [C,C,1,1] conv <-> diffusers [C,C] linear."""
-    if kind != _VAE_ATTN or not rest.endswith(".weight"):
-        return value
-    if rest.removesuffix(".weight") not in _VAE_ATTN_PROJECTIONS:
-        return value
-    if to_diffusers:
-        if value.ndim == 4:
-            return value[:, :, 0, 0]
-        if value.ndim == 3:  # very old checkpoints stored proj_out as Conv1d
-            return value[:, :, 0]
-        return value
-    return value[:, :, None, None] if value.ndim == 2 else value
-
-
-def _apply_table(
-    sd: Mapping[str, Any], rows: Sequence[_Row], to_diffusers: bool, what: str
-) -> dict[str, Any]:
-    by_prefix = {(ldm if to_diffusers else diff): (ldm, diff, kind) for ldm, diff, kind in rows}
-    out: dict[str, Any] = {}
-    unmapped: list[str] = []
-    for key, value in sd.items():
-        new = _map_key(key, by_prefix, to_diffusers)
-        if new is None:
-            unmapped.append(key)
-            continue
-        new_key, rest, kind = new
-        if new_key in out:
-            raise ConversionError(f"{what}: two keys map to {new_key!r} (one of them is {key!r})")
-        out[new_key] = _reshape(value, rest, kind, to_diffusers)
-    if unmapped:
-        raise ConversionError(_unmapped_message(what, unmapped))
-    return out
-
-
-def _map_key(key: str, by_prefix: Mapping[str, _Row], to_diffusers: bool) -> tuple[str, str, str] | None:
-    """Map one key by its longest matching row prefix; None if no row matches or the tail is unknown."""
-    for cut in reversed([i for i, ch in enumerate(key) if ch == "."]):
-        row = by_prefix.get(key[: cut + 1])
-        if row is None:
-            continue
-        ldm, diff, kind = row
-        rest = _map_rest(key[cut + 1 :], kind, to_diffusers)
-        if rest is None:
-            return None
-        return (diff if to_diffusers else ldm) + rest, rest, kind
-    return None
-
-
-def _unmapped_message(what: str, keys: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit]) + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
-    hint = ""
-    if any(k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)) for k in keys):
-        hint = " (keys still carry the single-file prefix: run split_single_file first)"
-    return f"{what}: {len(keys)} key(s) have no mapping{hint}: {shown}"
+def _apply(sd: Mapping[str, Any], rows: Sequence[Row], to_diffusers: bool, what: str) -> dict[str, Any]:
+    prefixed = any(k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)) for k in sd)
+    table = KeyTable(rows)
+    apply = table.to_diffusers if to_diffusers else table.to_original
+    return apply(sd, what, hint=_SINGLE_FILE_HINT if prefixed else "")
 
 
 # ------------------------------------------------------------------------------------------------- UNet
 
 
-def _unet_rows(layers_per_block: int, n_blocks: int, attention_blocks: Sequence[bool]) -> list[_Row]:
-    """All prefixes of an SD1.x-style UNet. Up blocks mirror the down blocks and get one extra resnet."""
+def unet_structure(config: Any) -> dict:
+    """The keyword arguments of the UNet key maps for a UNetConfig / ControlNetConfig."""
+    attention = tuple(t.startswith("CrossAttn") for t in config.down_block_types)
+    return dict(layers_per_block=config.layers_per_block, n_blocks=len(attention), attention_blocks=attention)
+
+
+def unet_encoder_rows(layers_per_block: int, n_blocks: int, attention_blocks: Sequence[bool]) -> list[Row]:
+    """Time embedding, conv_in, down blocks and mid block of an SD1.x-style UNet (also a ControlNet's)."""
     if len(attention_blocks) != n_blocks:
         raise ConversionError(
             f"attention_blocks has {len(attention_blocks)} entries but n_blocks is {n_blocks}"
         )
     lpb = layers_per_block
-    rows: list[_Row] = [
-        ("time_embed.0.", "time_embedding.linear_1.", _PARAM),
-        ("time_embed.2.", "time_embedding.linear_2.", _PARAM),
-        ("input_blocks.0.0.", "conv_in.", _PARAM),
-        ("out.0.", "conv_norm_out.", _PARAM),
-        ("out.2.", "conv_out.", _PARAM),
+    rows: list[Row] = [
+        ("time_embed.0.", "time_embedding.linear_1.", PARAM),
+        ("time_embed.2.", "time_embedding.linear_2.", PARAM),
+        ("input_blocks.0.0.", "conv_in.", PARAM),
         ("middle_block.0.", "mid_block.resnets.0.", _UNET_RESNET),
-        ("middle_block.1.", "mid_block.attentions.0.", _PASS),
+        ("middle_block.1.", "mid_block.attentions.0.", PASS),
         ("middle_block.2.", "mid_block.resnets.1.", _UNET_RESNET),
     ]
     # LDM numbers input_blocks consecutively: per down block, `lpb` (resnet, attention) slots then one
@@ -186,10 +115,18 @@ def _unet_rows(layers_per_block: int, n_blocks: int, attention_blocks: Sequence[
             i = 1 + b * (lpb + 1) + j
             rows.append((f"input_blocks.{i}.0.", f"down_blocks.{b}.resnets.{j}.", _UNET_RESNET))
             if attention_blocks[b]:
-                rows.append((f"input_blocks.{i}.1.", f"down_blocks.{b}.attentions.{j}.", _PASS))
+                rows.append((f"input_blocks.{i}.1.", f"down_blocks.{b}.attentions.{j}.", PASS))
         if b < n_blocks - 1:
             i = 1 + b * (lpb + 1) + lpb
-            rows.append((f"input_blocks.{i}.0.op.", f"down_blocks.{b}.downsamplers.0.conv.", _PARAM))
+            rows.append((f"input_blocks.{i}.0.op.", f"down_blocks.{b}.downsamplers.0.conv.", PARAM))
+    return rows
+
+
+def _unet_rows(layers_per_block: int, n_blocks: int, attention_blocks: Sequence[bool]) -> list[Row]:
+    """All prefixes of an SD1.x-style UNet. Up blocks mirror the down blocks and get one extra resnet."""
+    lpb = layers_per_block
+    rows = unet_encoder_rows(lpb, n_blocks, attention_blocks)
+    rows += [("out.0.", "conv_norm_out.", PARAM), ("out.2.", "conv_out.", PARAM)]
     # output_blocks: lpb + 1 slots per up block; the upsampler sits in the block's last slot, after the
     # resnet (.1) or after resnet + attention (.2).
     up_attention = list(reversed(attention_blocks))
@@ -198,11 +135,11 @@ def _unet_rows(layers_per_block: int, n_blocks: int, attention_blocks: Sequence[
             i = b * (lpb + 1) + j
             rows.append((f"output_blocks.{i}.0.", f"up_blocks.{b}.resnets.{j}.", _UNET_RESNET))
             if up_attention[b]:
-                rows.append((f"output_blocks.{i}.1.", f"up_blocks.{b}.attentions.{j}.", _PASS))
+                rows.append((f"output_blocks.{i}.1.", f"up_blocks.{b}.attentions.{j}.", PASS))
         if b < n_blocks - 1:
             i = b * (lpb + 1) + lpb
             slot = 2 if up_attention[b] else 1
-            rows.append((f"output_blocks.{i}.{slot}.conv.", f"up_blocks.{b}.upsamplers.0.conv.", _PARAM))
+            rows.append((f"output_blocks.{i}.{slot}.conv.", f"up_blocks.{b}.upsamplers.0.conv.", PARAM))
     return rows
 
 
@@ -218,7 +155,7 @@ def ldm_unet_to_diffusers(
     blocks use the reversed pattern. Defaults are SD1.5.
     """
     rows = _unet_rows(layers_per_block, n_blocks, attention_blocks)
-    return _apply_table(sd, rows, to_diffusers=True, what="LDM UNet -> diffusers")
+    return _apply(sd, rows, to_diffusers=True, what="LDM UNet -> diffusers")
 
 
 def diffusers_unet_to_ldm(
@@ -229,49 +166,40 @@ def diffusers_unet_to_ldm(
 ) -> dict[str, Any]:
     """Exact inverse of `ldm_unet_to_diffusers` (returns keys without `model.diffusion_model.`)."""
     rows = _unet_rows(layers_per_block, n_blocks, attention_blocks)
-    return _apply_table(sd, rows, to_diffusers=False, what="diffusers UNet -> LDM")
+    return _apply(sd, rows, to_diffusers=False, what="diffusers UNet -> LDM")
 
 
 # -------------------------------------------------------------------------------------------------- VAE
 
 
-def _vae_rows(n_blocks: int, enc_resnets: int, dec_resnets: int) -> list[_Row]:
-    rows: list[_Row] = [
-        ("quant_conv.", "quant_conv.", _PARAM),
-        ("post_quant_conv.", "post_quant_conv.", _PARAM),
+def _vae_rows(n_blocks: int, enc_resnets: int, dec_resnets: int) -> list[Row]:
+    rows: list[Row] = [
+        ("quant_conv.", "quant_conv.", PARAM),
+        ("post_quant_conv.", "post_quant_conv.", PARAM),
     ]
     for part in ("encoder", "decoder"):
         rows += [
-            (f"{part}.conv_in.", f"{part}.conv_in.", _PARAM),
-            (f"{part}.conv_out.", f"{part}.conv_out.", _PARAM),
-            (f"{part}.norm_out.", f"{part}.conv_norm_out.", _PARAM),
+            (f"{part}.conv_in.", f"{part}.conv_in.", PARAM),
+            (f"{part}.conv_out.", f"{part}.conv_out.", PARAM),
+            (f"{part}.norm_out.", f"{part}.conv_norm_out.", PARAM),
             (f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", _VAE_RESNET),
             (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", _VAE_RESNET),
             (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.", _VAE_ATTN),
         ]
     for i in range(n_blocks):
-        for j in range(enc_resnets):
-            rows.append(
-                (f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.", _VAE_RESNET)
-            )
+        down = f"encoder.down_blocks.{i}."
+        rows += [
+            (f"encoder.down.{i}.block.{j}.", f"{down}resnets.{j}.", _VAE_RESNET) for j in range(enc_resnets)
+        ]
         if i < n_blocks - 1:
-            rows.append(
-                (
-                    f"encoder.down.{i}.downsample.conv.",
-                    f"encoder.down_blocks.{i}.downsamplers.0.conv.",
-                    _PARAM,
-                )
-            )
+            rows.append((f"encoder.down.{i}.downsample.conv.", f"{down}downsamplers.0.conv.", PARAM))
     # The LDM decoder numbers its up blocks from the lowest resolution's *last* position: up.{n-1} runs
     # first. diffusers numbers them in execution order, hence the reversal.
     for k in range(n_blocks):
-        b = n_blocks - 1 - k
-        for j in range(dec_resnets):
-            rows.append((f"decoder.up.{k}.block.{j}.", f"decoder.up_blocks.{b}.resnets.{j}.", _VAE_RESNET))
-        if b < n_blocks - 1:
-            rows.append(
-                (f"decoder.up.{k}.upsample.conv.", f"decoder.up_blocks.{b}.upsamplers.0.conv.", _PARAM)
-            )
+        up = f"decoder.up_blocks.{n_blocks - 1 - k}."
+        rows += [(f"decoder.up.{k}.block.{j}.", f"{up}resnets.{j}.", _VAE_RESNET) for j in range(dec_resnets)]
+        if k > 0:
+            rows.append((f"decoder.up.{k}.upsample.conv.", f"{up}upsamplers.0.conv.", PARAM))
     return rows
 
 
@@ -309,14 +237,14 @@ def ldm_vae_to_diffusers(sd: Mapping[str, Any], n_blocks: int | None = None) -> 
     blocks are numbered in reverse. Mid-attention 1x1-conv weights [C,C,1,1] become [C,C].
     """
     rows = _vae_rows(*_vae_shape(list(sd), ldm=True, n_blocks=n_blocks))
-    return _apply_table(sd, rows, to_diffusers=True, what="LDM VAE -> diffusers")
+    return _apply(sd, rows, to_diffusers=True, what="LDM VAE -> diffusers")
 
 
 def diffusers_vae_to_ldm(sd: Mapping[str, Any], n_blocks: int | None = None) -> dict[str, Any]:
     """Inverse of `ldm_vae_to_diffusers`; also accepts legacy diffusers attention names (query/key/...)."""
     sd = normalize_legacy_vae_keys(sd)
     rows = _vae_rows(*_vae_shape(list(sd), ldm=False, n_blocks=n_blocks))
-    return _apply_table(sd, rows, to_diffusers=False, what="diffusers VAE -> LDM")
+    return _apply(sd, rows, to_diffusers=False, what="diffusers VAE -> LDM")
 
 
 _LEGACY_VAE_ATTN = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
@@ -352,25 +280,22 @@ def normalize_legacy_vae_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
 _CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
-def _clip_text_model_name(name: str) -> str | None:
-    if name.startswith(_CLIP_ROOTS):
-        return "text_model." + name
-    return name if name.startswith("text_model.") else None
+_CLIP_TABLE = KeyTable([(CLIP_PREFIX + "text_model.", "text_model.", PASS)])
 
 
-def _map_clip(sd: Mapping[str, Any], strip: str, add: str, what: str) -> dict[str, Any]:
+def _with_text_model(sd: Mapping[str, Any], prefix: str, what: str) -> dict[str, Any]:
+    """CLIP keys as `prefix` + `text_model.*`: adds whichever of the two a key lacks.
+
+    Keys that are not CLIPTextTransformer names are left as they are, for the table to refuse.
+    """
     out: dict[str, Any] = {}
-    unmapped: list[str] = []
     for key, value in sd.items():
-        name = _clip_text_model_name(key.removeprefix(strip))
-        if name is None:
-            unmapped.append(key)
-            continue
-        if add + name in out:
-            raise ConversionError(f"{what}: two keys map to {add + name!r} (one of them is {key!r})")
-        out[add + name] = value
-    if unmapped:
-        raise ConversionError(_unmapped_message(what, unmapped))
+        name = key.removeprefix(prefix)
+        name = "text_model." + name if name.startswith(_CLIP_ROOTS) else name
+        new = prefix + name if name.startswith("text_model.") else key
+        if new in out:
+            raise ConversionError(f"{what}: two keys map to {new!r} (one of them is {key!r})")
+        out[new] = value
     return out
 
 
@@ -379,12 +304,14 @@ def ldm_clip_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys may come with the single-file prefix or without it (as `split_single_file` returns them).
     """
-    return _map_clip(sd, strip=CLIP_PREFIX, add="", what="LDM CLIP -> transformers")
+    what = "LDM CLIP -> transformers"
+    return _CLIP_TABLE.to_diffusers(_with_text_model(sd, CLIP_PREFIX, what), what)
 
 
 def diffusers_clip_to_ldm(sd: Mapping[str, Any]) -> dict[str, Any]:
     """transformers CLIPTextModel names (with or without `text_model.`) -> `cond_stage_model.transformer.text_model.*`."""
-    return _map_clip(sd, strip="", add=CLIP_PREFIX, what="transformers CLIP -> LDM")
+    what = "transformers CLIP -> LDM"
+    return _CLIP_TABLE.to_original(_with_text_model(sd, "", what), what)
 
 
 # ------------------------------------------------------------------------------------ single-file split
@@ -427,7 +354,7 @@ def split_single_file(
         else:
             unknown.append(key)
     if unknown:
-        raise ConversionError(_unmapped_message("SD single-file checkpoint", unknown))
+        raise ConversionError(f"SD single-file checkpoint: no mapping for {key_list(unknown)}")
     if use_ema:
         unet, ignored = _take_ema_unet(sd, unet, ignored)
     return unet, vae, clip, sorted(ignored)
@@ -446,9 +373,8 @@ def _take_ema_unet(
         else:
             missing.append(ema_key)
     if missing:
-        shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise ConversionError(
-            f"use_ema=True but {len(missing)} UNet tensor(s) have no model_ema copy: {shown}"
+            f"use_ema=True but these UNet tensors have no model_ema copy: {key_list(missing)}"
         )
     used = {_ema_key(name) for name in unet}
     ignored = [k for k in ignored if k not in used] + [UNET_PREFIX + name for name in unet]

@@ -11,7 +11,6 @@ ConversionError lists what is missing, unexpected or mis-shaped. Output appears 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,19 @@ from tqdm import tqdm
 import xdyna_jax
 from convert import ldm_keys
 from convert.clip_text import load_clip_text_state
-from convert.io import ConversionError, atomic_output_dir, find_weights_file, read_state_dict
-from convert.state import load_torch_state
+from convert.io import (
+    ConversionError,
+    atomic_output_dir,
+    find_weights_file,
+    read_json,
+    read_state_dict,
+    write_manifest,
+    write_scheduler_config,
+)
+from convert.sd_structure import sd1x_unet_fields
+from convert.state import load_torch_state, tensor_shape
+from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from xdyna_jax.models.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
 from xdyna_jax.nn.shape_only import shape_only_model
@@ -51,63 +59,50 @@ class Part:
     ignored: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"missing config file {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from e
-
-
 def _config(make, path: Path, *args):
     try:
-        return make(_read_json(path), *args)
+        return make(read_json(path, "config"), *args)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from e
 
 
-def read_diffusers_folder(src: Path) -> dict[str, Part]:
-    for sub in ("unet", "vae", "text_encoder"):
+def read_diffusers_folder(
+    src: Path, names: tuple[str, ...] = ("unet", "vae", "text_encoder")
+) -> dict[str, Part]:
+    """The parts `names` of a diffusers SD folder (the others are not read: X-Dyna needs no SD UNet)."""
+    for sub in names:
         if not (src / sub).is_dir():
             raise ConversionError(f"{src} is not a diffusers Stable Diffusion folder: {src / sub} is missing")
     parts = {}
-    f = find_weights_file(src / "unet", "diffusion_pytorch_model")
-    parts["unet"] = Part(
-        _config(UNetConfig.from_diffusers, src / "unet/config.json"), read_state_dict(f), str(f)
-    )
-    f = find_weights_file(src / "vae", "diffusion_pytorch_model")
-    vae_state = ldm_keys.normalize_legacy_vae_keys(read_state_dict(f))
-    parts["vae"] = Part(_config(VAEConfig.from_diffusers, src / "vae/config.json"), vae_state, str(f))
-    f = find_weights_file(src / "text_encoder", ("model", "pytorch_model"))
-    clip_cfg = _config(CLIPTextConfig.from_transformers, src / "text_encoder/config.json")
-    parts["text_encoder"] = Part(clip_cfg, read_state_dict(f), str(f))
+    if "unet" in names:
+        f = find_weights_file(src / "unet", "diffusion_pytorch_model")
+        parts["unet"] = Part(
+            _config(UNetConfig.from_diffusers, src / "unet/config.json"), read_state_dict(f), str(f)
+        )
+    if "vae" in names:
+        f = find_weights_file(src / "vae", "diffusion_pytorch_model")
+        vae_state = ldm_keys.normalize_legacy_vae_keys(read_state_dict(f))
+        parts["vae"] = Part(_config(VAEConfig.from_diffusers, src / "vae/config.json"), vae_state, str(f))
+    if "text_encoder" in names:
+        f = find_weights_file(src / "text_encoder", ("model", "pytorch_model"))
+        clip_cfg = _config(CLIPTextConfig.from_transformers, src / "text_encoder/config.json")
+        parts["text_encoder"] = Part(clip_cfg, read_state_dict(f), str(f))
     return parts
 
 
-def _shape(state: dict, key: str, source: str) -> tuple[int, ...]:
-    if key not in state:
-        raise ConversionError(f"{source}: expected key {key!r} is missing; not an SD 1.x checkpoint?")
-    return tuple(state[key].shape)
+_NOT_SD1X = "not an SD 1.x checkpoint?"
 
 
-def _sd15_configs(
-    unet: dict, vae: dict, clip: dict, source: str
-) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
-    """SD 1.5's architecture, with the few sizes that variants change read off the tensors."""
-    mc, cin = _shape(unet, "input_blocks.0.0.weight", source)[:2]
-    to_k = _shape(unet, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", source)
-    proj_in = _shape(unet, "input_blocks.1.1.proj_in.weight", source)
-    unet_cfg = UNetConfig(
-        in_channels=cin,
-        block_out_channels=(mc, 2 * mc, 4 * mc, 4 * mc),
-        cross_attention_dim=to_k[1],
-        use_linear_projection=len(proj_in) == 2,
-    )
-    vocab, hidden = _shape(clip, "text_model.embeddings.token_embedding.weight", source)
-    positions = _shape(clip, "text_model.embeddings.position_embedding.weight", source)[0]
+def _sd15_configs(vae: dict, clip: dict, source: str) -> tuple[VAEConfig, CLIPTextConfig]:
+    """SD 1.5's VAE and text encoder, with the few sizes that variants change read off the tensors."""
+
+    def shape(state: dict, key: str) -> tuple[int, ...]:
+        return tensor_shape(state, key, source, _NOT_SD1X)
+
+    vocab, hidden = shape(clip, "text_model.embeddings.token_embedding.weight")
+    positions = shape(clip, "text_model.embeddings.position_embedding.weight")[0]
     layers = 1 + max(int(k.split(".")[3]) for k in clip if k.startswith("text_model.encoder.layers."))
-    inter = _shape(clip, "text_model.encoder.layers.0.mlp.fc1.weight", source)[0]
+    inter = shape(clip, "text_model.encoder.layers.0.mlp.fc1.weight")[0]
     clip_cfg = CLIPTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -116,27 +111,25 @@ def _sd15_configs(
         num_attention_heads=hidden // 64,
         max_position_embeddings=positions,
     )
-    vc = _shape(vae, "encoder.conv_in.weight", source)[0]
-    vae_cfg = VAEConfig(block_out_channels=(vc, 2 * vc, 4 * vc, 4 * vc))
-    return unet_cfg, vae_cfg, clip_cfg
+    vc = shape(vae, "encoder.conv_in.weight")[0]
+    return VAEConfig(block_out_channels=(vc, 2 * vc, 4 * vc, 4 * vc)), clip_cfg
 
 
 def read_single_file(path: Path, config_from: Path | None = None, use_ema: bool = False) -> dict[str, Part]:
     sd = read_state_dict(path)
+    src = str(path)
     unet, vae, clip, ignored = ldm_keys.split_single_file(sd, use_ema=use_ema)
     clip = ldm_keys.ldm_clip_to_diffusers(clip)
     if config_from is not None:
         unet_cfg = _config(UNetConfig.from_diffusers, config_from / "unet/config.json")
         vae_cfg = _config(VAEConfig.from_diffusers, config_from / "vae/config.json")
         clip_cfg = _config(CLIPTextConfig.from_transformers, config_from / "text_encoder/config.json")
-    else:
-        unet_cfg, vae_cfg, clip_cfg = _sd15_configs(unet, vae, clip, str(path))
-    attention = tuple(t.startswith("CrossAttn") for t in unet_cfg.down_block_types)
-    unet = ldm_keys.ldm_unet_to_diffusers(
-        unet, layers_per_block=unet_cfg.layers_per_block, n_blocks=len(attention), attention_blocks=attention
-    )
+        unet = ldm_keys.ldm_unet_to_diffusers(unet, **ldm_keys.unet_structure(unet_cfg))
+    else:  # SD 1.5's block structure; the sizes are read off the renamed tensors
+        unet = ldm_keys.ldm_unet_to_diffusers(unet, **ldm_keys.unet_structure(UNetConfig()))
+        unet_cfg = UNetConfig(**sd1x_unet_fields(unet, src, _NOT_SD1X))
+        vae_cfg, clip_cfg = _sd15_configs(vae, clip, src)
     vae = ldm_keys.ldm_vae_to_diffusers(vae, n_blocks=len(vae_cfg.block_out_channels))
-    src = str(path)
     return {
         "unet": Part(unet_cfg, unet, src, ignored),
         "vae": Part(vae_cfg, vae, src),
@@ -198,18 +191,16 @@ def convert_sd15(
             xdyna_jax.save(BUILDERS[name](part), tmp / name)
             manifest["parts"][name] = {"file": part.source, "ignored_keys": part.ignored}
             part.state.clear()  # free the source tensors before the next part
-        (tmp / "scheduler").mkdir()
         if scheduler is not None and scheduler.is_file():
-            shutil.copy(scheduler, tmp / "scheduler" / "scheduler_config.json")
+            write_scheduler_config(tmp, read_json(scheduler, "scheduler config"))
         else:
-            cfg = {"_class_name": "DDIMScheduler", **SD15_SCHEDULER.to_diffusers()}
-            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            write_scheduler_config(tmp, SD15_SCHEDULER.to_diffusers())
         if tokenizer is not None:
             _copy_tokenizer(Path(tokenizer), tmp / "tokenizer")
         else:
             print("note: no tokenizer written (a single file has none); pass --tokenizer DIR to include one")
         manifest["tokenizer"] = str(Path(tokenizer).absolute()) if tokenizer else None
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return output
 
 

@@ -10,13 +10,13 @@ norm and embedding tables unchanged. The same rules run backwards for export, so
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.io import ConversionError
+from convert.io import ConversionError, key_list
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
@@ -52,11 +52,15 @@ def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _summarise(title: str, items: list[str], limit: int = 20) -> str:
-    if not items:
-        return ""
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+def tensor_shape(state: Mapping, key: str, source: str, hint: str = "") -> tuple[int, ...]:
+    """The shape of `state[key]`; a missing key is one ConversionError naming `source`, the key and `hint`."""
+    if key not in state:
+        raise ConversionError(f"{source}: expected key {key!r} is missing" + (f"; {hint}" if hint else ""))
+    return tuple(state[key].shape)
+
+
+def _summarise(title: str, items: list[str]) -> str:
+    return f"\n  {title}: {key_list(items)}" if items else ""
 
 
 def load_torch_state(
@@ -65,8 +69,12 @@ def load_torch_state(
     *,
     source: str,
     ignore: Iterable[str] = (),
+    host: bool = False,
 ) -> nnx.Module:
     """Fill every parameter of `module` (concrete or from nnx.eval_shape) from a PyTorch-named state dict.
+
+    host=True keeps the values as float32 numpy arrays (views of the source tensors where no cast is needed)
+    instead of device arrays, so a converter can save a multi-GB model without a second copy of it.
 
     `ignore` are regexes of source keys that are known not to be parameters (buffers, EMA copies...).
     Every other source key must land on a parameter and every parameter must be filled with a tensor of
@@ -96,7 +104,8 @@ def load_torch_state(
             + _summarise("mis-shaped keys", mis_shaped)
         )
     for path, var in params.items():
-        var.set_value(jnp.asarray(new_values[path], dtype=jnp.float32))
+        value = new_values.pop(path)
+        var.set_value(np.asarray(value, np.float32) if host else jnp.asarray(value, dtype=jnp.float32))
     return module
 
 

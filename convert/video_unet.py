@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 import xdyna_jax
 from convert.animatediff_keys import check_pe, detect_motion_version
-from convert.io import ConversionError
+from convert.io import ConversionError, write_manifest
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet, UNetConfig
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.motion import sinusoidal_table
+from xdyna_jax.nn.shape_only import shape_only_model
 
-# AnimateDiff versions (checkpoint_formats.md section 2b): pe length, mid-block module, resnet GroupNorm
+# AnimateDiff versions: pe length, mid-block module, resnet GroupNorm
 # pooled over frames (v1's non-inflated GroupNorm) or per frame (v2/v3's InflatedGroupNorm).
 VERSIONS = {
     "v1": dict(motion_max_len=24, motion_mid_block=False, groupnorm_over_frames=True),
@@ -71,4 +70,4 @@ def with_pe_buffers(model: UNet, state: dict[str, np.ndarray]) -> dict[str, np.n
 
 def save_with_manifest(model, tmp: Path, manifest: dict) -> None:
     xdyna_jax.save(model, tmp / "unet")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(tmp, manifest)

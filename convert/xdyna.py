@@ -7,12 +7,17 @@ The release folder (HF Boese0601/X-Dyna) is searched for its three checkpoints b
 unet-checkpoint-epoch-5.ckpt, controlnet-checkpoint-epoch-5.ckpt (pose), controlnet-face-checkpoint-epoch-2.ckpt
 (S-Face; optional). SD 1.5 (diffusers folder or single file) gives the VAE, text encoder and tokenizer; the
 IP-Adapter folder gives ip-adapter-plus_sd15.bin (Resampler) and image_encoder/. The output holds one bundle
-per model, tokenizer/, scheduler/ (the release's DDIM settings) and manifest.json naming every source file.
+per model, tokenizer/, scheduler/ (the release's DDIM settings) and manifest.json naming the pipeline kind
+("xdyna") and every source file.
+
+Memory: each step reads only what it converts (of SD 1.5 only the VAE, text encoder and tokenizer; never its
+UNet), writes its bundles from host arrays and is freed before the next step, so the peak is about the largest
+single checkpoint (the 5.3 GB UNet), not the sum. A ControlNet whose structure does not fit the UNet (widths,
+context dim, ...) is refused here, not at the first denoising call.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -20,17 +25,52 @@ from tqdm import tqdm
 
 import xdyna_jax
 from convert.controlnet import convert_controlnet
-from convert.io import ConversionError, atomic_output_dir
+from convert.io import (
+    ConversionError,
+    atomic_output_dir,
+    read_json,
+    release_memory,
+    write_manifest,
+    write_scheduler_config,
+)
 from convert.ip_adapter import convert_ip_adapter
 from convert.sd15 import build_text_encoder, build_vae, read_diffusers_folder, read_single_file
 from convert.xdyna_unet import convert_xdyna_unet
-from xdyna_jax.models.xdyna import XDYNA_SCHEDULER
+from xdyna_jax.bundle import read_meta
+from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER
 
 RELEASE_FILES = {
     "unet": ("unet-checkpoint-epoch-5.ckpt", True),
     "controlnet_pose": ("controlnet-checkpoint-epoch-5.ckpt", True),
     "controlnet_face": ("controlnet-face-checkpoint-epoch-2.ckpt", False),
 }
+
+
+# ControlNet config fields that must equal the UNet's: its residuals are added to the UNet's skips (same
+# widths and count) and it reads the same latents and text context.
+CONTROLNET_MUST_MATCH = (
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+)
+
+
+def check_controlnet_fits(controlnet: Path, unet: Path, sources: tuple[Path, Path]) -> None:
+    """One ConversionError naming both source files and each field where the ControlNet and UNet differ."""
+    net, base = read_meta(controlnet)["config"], read_meta(unet)["config"]
+    bad = [f for f in CONTROLNET_MUST_MATCH if _as_list(net[f]) != _as_list(base[f])]
+    if bad:
+        fields = "; ".join(f"{f}: ControlNet {net[f]} vs UNet {base[f]}" for f in bad)
+        raise ConversionError(
+            f"the ControlNet {sources[0]} does not fit the UNet {sources[1]} ({fields}); its residuals "
+            "could not be added to the UNet's skip connections"
+        )
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def find_release_file(release: Path, name: str, required: bool) -> Path | None:
@@ -73,24 +113,31 @@ def convert_xdyna(
         raise ConversionError(f"--sd15: no such file or folder {sd15}")
     files = {name: find_release_file(release, fname, req) for name, (fname, req) in RELEASE_FILES.items()}
     ip_bin, image_encoder = find_ip_adapter(ip_adapter)
-    manifest = {"converter": "xdyna", "parts": {}}
+    manifest = {"kind": "xdyna", "converter": "xdyna", "parts": {}}
     steps = [n for n in ("unet", "controlnet_pose", "controlnet_face") if files[n]] + ["sd15", "ip_adapter"]
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         for step in tqdm(steps, desc="convert xdyna", disable=not progress):
             if step == "unet":
                 convert_xdyna_unet(files["unet"], tmp / "_unet", init=init)
                 (tmp / "_unet" / "unet").rename(tmp / "unet")
-                manifest["parts"]["unet"] = json.loads((tmp / "_unet" / "manifest.json").read_text())
+                manifest["parts"]["unet"] = read_json(tmp / "_unet" / "manifest.json", "manifest")
                 shutil.rmtree(tmp / "_unet")
             elif step.startswith("controlnet"):
                 convert_controlnet(files[step], tmp / step)
-                manifest["parts"][step] = json.loads((tmp / step / "manifest.json").read_text())
+                check_controlnet_fits(tmp / step, tmp / "unet", (files[step], files["unet"]))
+                manifest["parts"][step] = read_json(tmp / step / "manifest.json", "manifest")
             elif step == "sd15":
-                parts = read_diffusers_folder(sd15) if sd15.is_dir() else read_single_file(sd15)
-                xdyna_jax.save(build_vae(parts["vae"]), tmp / "vae")
-                xdyna_jax.save(build_text_encoder(parts["text_encoder"]), tmp / "text_encoder")
-                for name in ("vae", "text_encoder"):
-                    manifest["parts"][name] = {"file": parts[name].source}
+                if sd15.is_dir():
+                    parts = read_diffusers_folder(sd15, ("vae", "text_encoder"))
+                else:  # a single file holds the SD UNet too: drop it as soon as the file is split
+                    parts = read_single_file(sd15)
+                    del parts["unet"]
+                for name, build in (("vae", build_vae), ("text_encoder", build_text_encoder)):
+                    part = parts.pop(name)
+                    xdyna_jax.save(build(part), tmp / name)
+                    manifest["parts"][name] = {"file": part.source}
+                    del part
+                    release_memory()
                 if (sd15 / "tokenizer").is_dir():
                     shutil.copytree(sd15 / "tokenizer", tmp / "tokenizer")
                     manifest["parts"]["tokenizer"] = {"file": str((sd15 / "tokenizer").absolute())}
@@ -101,10 +148,9 @@ def convert_xdyna(
                     (tmp / "_ip" / name).rename(tmp / name)
                     manifest["parts"][name] = {"file": str(ip_bin if name == "resampler" else image_encoder)}
                 shutil.rmtree(tmp / "_ip")  # the UNet checkpoint already holds the trained to_k_ip / to_v_ip
-        (tmp / "scheduler").mkdir()
-        sched = {"_class_name": "DDIMScheduler", **XDYNA_SCHEDULER.to_diffusers()}
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            release_memory()  # this step's tensors (and their file mappings) go before the next step reads
+        write_scheduler_config(tmp, XDYNA_SCHEDULER.to_diffusers())
+        write_manifest(tmp, manifest)
     return output
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
-import xdyna_jax
-from convert.io import ConversionError, atomic_output_dir, read_state_dict, write_safetensors
-from convert.state import export_torch_state
-from convert.video_unet import build_unet, motion_config, resolve_version, save_with_manifest, with_pe_buffers
-from xdyna_jax.models.unet import UNetConfig
+from convert.export import bundle_torch_state, write_state_file
+from convert.io import ConversionError, atomic_output_dir, read_state_dict, refuse_existing_output
+from convert.sd_structure import sd1x_unet_fields
+from convert.state import load_torch_state
+from convert.video_unet import PE_IGNORE, motion_config, resolve_version, save_with_manifest
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.nn.shape_only import shape_only_model
 
 IP_TOKENS = 16  # IP-Adapter-plus Resampler queries
 
@@ -36,19 +36,8 @@ def xdyna_config(
     sd: dict, source: str, *, version: str | None, ip_tokens: int, base: UNetConfig | None
 ) -> UNetConfig:
     """SD 1.5's UNet with what the keys say is present: adapter, IP-Adapter, motion modules (v1 for the release)."""
-
-    def shape(key):
-        if key not in sd:
-            raise ConversionError(f"{source}: expected key {key!r} is missing; not an X-Dyna / SD 1.x UNet?")
-        return sd[key].shape
-
     if base is None:
-        mc, cin = shape("conv_in.weight")[:2]
-        base = UNetConfig(
-            in_channels=cin,
-            block_out_channels=(mc, 2 * mc, 4 * mc, 4 * mc),
-            cross_attention_dim=shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")[1],
-        )
+        base = UNetConfig(**sd1x_unet_fields(sd, source, hint="not an X-Dyna / SD 1.x UNet?"))
     has_ip = any(k.endswith("attn2.to_k_ip.weight") for k in sd)
     if ip_tokens and not has_ip:
         raise ConversionError(
@@ -76,12 +65,17 @@ def convert_xdyna_unet(
     config: UNetConfig | None = None,
     overwrite: bool = False,
 ) -> Path:
-    src = Path(input)
+    src, output = Path(input), Path(output)
+    refuse_existing_output(output, overwrite)  # before reading GBs of weights
     sd = merge_init(read_state_dict(src), read_state_dict(init) if init else None)
     source = f"{src}" + (f" (+ init {init})" if init else "")
     cfg = xdyna_config(sd, source, version=version, ip_tokens=ip_tokens, base=config)
-    model = build_unet(cfg, sd, source)
-    with atomic_output_dir(Path(output), overwrite=overwrite) as tmp:
+    ignored = sorted(k for k in sd if k.endswith("pos_encoder.pe"))
+    # host=True: the params stay numpy views of the checkpoint's tensors and are written from there, so
+    # the conversion holds one copy of the weights (the file's), not three (file, device, orbax's).
+    model = load_torch_state(shape_only_model(UNet, cfg), sd, source=source, ignore=PE_IGNORE, host=True)
+    del sd
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
         save_with_manifest(
             model,
             tmp,
@@ -89,30 +83,18 @@ def convert_xdyna_unet(
                 "converter": "xdyna-unet",
                 "checkpoint": str(src.absolute()),
                 "init": str(Path(init).absolute()) if init else None,
-                "ignored_keys": sorted(k for k in sd if k.endswith("pos_encoder.pe")),
+                "ignored_keys": ignored,
             },
         )
-    return Path(output)
-
-
-def export_xdyna_unet(bundle: str | Path, output: str | Path) -> Path:
-    """The bundle as the release's flat state dict (.safetensors, or a torch .ckpt pickle), pe buffers included."""
-    model = xdyna_jax.load(bundle, expected_kind="video_unet")
-    state = export_torch_state(model)
-    if model.config.motion_modules:
-        state = with_pe_buffers(model, state)
-    output = Path(output)
-    if output.suffix == ".safetensors":
-        write_safetensors(state, output)
-    elif output.suffix in (".ckpt", ".pth", ".pt", ".bin"):
-        import torch
-
-        tmp = output.with_name(f".{output.name}.tmp")
-        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, tmp)
-        tmp.replace(output)
-    else:
-        raise ConversionError(f"export writes .safetensors or .ckpt/.pth; got {output}")
     return output
+
+
+def export_xdyna_unet(bundle: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+    """The bundle as the release's flat state dict (a torch .ckpt pickle, or .safetensors), pe buffers included.
+
+    The weights are read from the bundle as host arrays and rewritten one tensor at a time.
+    """
+    return write_state_file(bundle_torch_state(bundle, "video_unet"), Path(output), overwrite=overwrite)
 
 
 def add_arguments(p) -> None:

@@ -1,8 +1,13 @@
-"""Helpers shared by the parity tests: error metric, weight perturbation, torch <-> numpy."""
+"""Helpers shared by the tests: error metric, weight perturbation, torch <-> numpy, the tiny configs and the
+fake model folders several test files build."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
+from tokenizers.pre_tokenizers import ByteLevel
 
 from xdyna_jax.nn.shape_only import shape_only_model
 
@@ -76,3 +81,150 @@ TINY_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
+
+
+# CLIP tokenizer folders (test_clip_tokenizer, test_convert_sd15).
+# A hand-written merge list in a valid order (every merge's result is a vocabulary entry and every part
+# exists before it is used), with overlapping pairs ("l l", "a a") and end-of-word merges.
+TOKENIZER_MERGES = [
+    "t h", "th e</w>", "h e", "a n", "an d</w>", "i n", "in g</w>", "o n", "e r", "l l", "ll o</w>",
+    "e ll", "h ell", "hell o</w>", "c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>", "e d</w>",
+    "e s</w>", "a r", "s t", "st ar", "star s</w>", "a a", "aa a</w>", "1 9", "' s</w>", "Ã ©", "Ã ©</w>",
+    "ca f", "caf Ã©</w>", ". .", ".. .</w>",
+]  # fmt: skip
+
+
+def write_tokenizer(folder, *, sd15_configs=True, pad_token="<|endoftext|>"):
+    """vocab = 256 byte symbols, their `</w>` forms, merge results, then the two special tokens (as CLIP)."""
+    folder.mkdir()
+    base = sorted(ByteLevel.alphabet())  # CLIP order: printable bytes ("!" = 0) first, then U+0100...
+    tokens = base + [b + "</w>" for b in base]
+    for merge in TOKENIZER_MERGES:
+        a, b = merge.split(" ")
+        if a + b not in tokens:
+            tokens.append(a + b)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(TOKENIZER_MERGES) + "\n", encoding="utf-8"
+    )
+    if sd15_configs:  # as in SD 1.5's tokenizer/ folder
+        special = lambda c: {
+            "content": c,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
+        config = {
+            "bos_token": special("<|startoftext|>"),
+            "eos_token": special("<|endoftext|>"),
+            "unk_token": special("<|endoftext|>"),
+            "pad_token": pad_token,
+            "do_lower_case": True,
+            "model_max_length": 77,
+            "tokenizer_class": "CLIPTokenizer",
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        tokens_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        (folder / "special_tokens_map.json").write_text(json.dumps(tokens_map))
+    return folder
+
+
+# The tiny SD 1.x pipeline the converter tests write as a diffusers folder: its UNet's cross-attention width
+# is the text encoder's hidden size (32).
+TINY_SD_UNET = dict(TINY_UNET, cross_attention_dim=32, sample_size=8)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    layers_per_block=1,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
+TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    max_position_embeddings=77,
+)
+
+
+def make_models(unet_kw, vae_kw, clip_kw, seed=0):
+    """diffusers UNet and VAE and a transformers CLIP text encoder, each perturbed with its own seed."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    models = (
+        UNet2DConditionModel(**unet_kw),
+        AutoencoderKL(**vae_kw),
+        CLIPTextModel(CLIPTextConfig(**clip_kw)),
+    )
+    for i, m in enumerate(models):
+        perturb_(m, seed + i)
+    return models
+
+
+def write_diffusers_folder(folder, models):
+    """An SD 1.x diffusers folder: the three models of `make_models`, a tokenizer and a DDIM scheduler."""
+    from diffusers import DDIMScheduler
+
+    unet, vae, clip = models
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    clip.save_pretrained(folder / "text_encoder")
+    write_tokenizer(folder / "tokenizer")
+    DDIMScheduler(beta_schedule="linear", steps_offset=1).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def diffusers_resampler(cfg, seed=0):
+    """diffusers' IPAdapterPlusImageProjection for our ResamplerConfig `cfg`, perturbed."""
+    import torch
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    torch.manual_seed(seed)
+    ref = IPAdapterPlusImageProjection(
+        embed_dims=cfg.embedding_dim,
+        output_dims=cfg.output_dim,
+        hidden_dims=cfg.dim,
+        depth=cfg.depth,
+        dim_head=cfg.dim_head,
+        heads=cfg.heads,
+        num_queries=cfg.num_queries,
+        ffn_ratio=cfg.ff_mult,
+    ).eval()
+    perturb_(ref, seed)
+    return ref
+
+
+_RESAMPLER_RENAMES = [
+    (r"^layers\.(\d+)\.ln0\.", r"layers.\1.0.norm1."),
+    (r"^layers\.(\d+)\.ln1\.", r"layers.\1.0.norm2."),
+    (r"^layers\.(\d+)\.attn\.to_q\.", r"layers.\1.0.to_q."),
+    (r"^layers\.(\d+)\.attn\.to_out\.0\.", r"layers.\1.0.to_out."),
+    (r"^layers\.(\d+)\.ff\.0\.", r"layers.\1.1.0."),
+    (r"^layers\.(\d+)\.ff\.1\.net\.0\.proj\.", r"layers.\1.1.1."),
+    (r"^layers\.(\d+)\.ff\.1\.net\.2\.", r"layers.\1.1.3."),
+]
+
+
+def to_original(state: dict) -> dict:
+    """diffusers IPAdapterPlusImageProjection keys -> ip-adapter-plus .bin `image_proj` keys."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^layers\.(\d+)\.attn\.to_([kv])\.weight$", key)
+        if m:
+            if m.group(2) == "k":  # to_kv = [to_k; to_v] along the output rows
+                v = state[f"layers.{m.group(1)}.attn.to_v.weight"]
+                out[f"layers.{m.group(1)}.0.to_kv.weight"] = np.concatenate([value, v], axis=0)
+            continue
+        for pattern, repl in _RESAMPLER_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out

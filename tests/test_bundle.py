@@ -1,6 +1,8 @@
-"""Bundles: save/load round trip, atomic writes, clear errors, restore onto 8 simulated devices."""
+"""Bundles: save/load round trip, stored param dtype and casting on load, atomic writes, clear errors,
+restore onto 8 simulated devices."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,31 @@ def test_round_trip_is_exact(saved):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert json.loads((path / "model.json").read_text())["kind"] == "unet"
+
+
+def test_param_dtype_is_stored_and_cast_on_load(saved, tmp_path):
+    model, path = saved
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["param_dtype"] == "float32"
+    as_bf16 = xdyna_jax.load(path, param_dtype="bfloat16")  # cast while restoring
+    want = {k: v.astype(jnp.bfloat16) for k, v in params(model).items()}
+    got = params(as_bf16)
+    assert {v.dtype for v in got.values()} == {np.dtype(jnp.bfloat16)}
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    bf16 = xdyna_jax.save(as_bf16, tmp_path / "bf16")  # stored as held
+    assert json.loads((bf16 / "model.json").read_text())["param_dtype"] == "bfloat16"
+    again = params(xdyna_jax.load(bf16))
+    for k in want:
+        assert again[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(again[k], want[k])
+    # a bundle written before param_dtype was recorded is float32
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    (old / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "param_dtype"}))
+    assert {v.dtype for v in params(xdyna_jax.load(old)).values()} == {np.dtype(np.float32)}
+    with pytest.raises(xdyna_jax.BundleError, match="param_dtype 'int8'"):
+        xdyna_jax.load(path, param_dtype="int8")
 
 
 def test_compute_override_at_load(saved):
@@ -80,12 +107,12 @@ def test_save_refuses_existing_and_leaves_no_partial(saved, tmp_path, monkeypatc
         pass
 
     class HalfWritingCheckpointer:  # writes part of the weights, then fails like a full disk would
-        def save(self, where, _):
+        def save(self, where, args):
             where.mkdir()
             (where / "partial").write_bytes(b"x")
             raise DiskFull("no space left")
 
-    monkeypatch.setattr(xdyna_jax.bundle.ocp, "StandardCheckpointer", HalfWritingCheckpointer)
+    monkeypatch.setattr(xdyna_jax.bundle, "_checkpointer", HalfWritingCheckpointer)
     with pytest.raises(DiskFull):
         xdyna_jax.save(model, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []

@@ -1,21 +1,13 @@
 """CLIPTokenizer against transformers' CLIPTokenizer, both reading the same small vocab.json/merges.txt."""
 
-import json
+import re
 
 import numpy as np
 import pytest
 import transformers
+from oracle import write_tokenizer
 
-from xdyna_jax.models.clip_tokenizer import CLIPTokenizer, byte_alphabet
-
-# A hand-written merge list in a valid order (every merge's result is a vocabulary entry and every part
-# exists before it is used), with overlapping pairs ("l l", "a a") and end-of-word merges.
-MERGES = [
-    "t h", "th e</w>", "h e", "a n", "an d</w>", "i n", "in g</w>", "o n", "e r", "l l", "ll o</w>",
-    "e ll", "h ell", "hell o</w>", "c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>", "e d</w>",
-    "e s</w>", "a r", "s t", "st ar", "star s</w>", "a a", "aa a</w>", "1 9", "' s</w>", "Ã ©", "Ã ©</w>",
-    "ca f", "caf Ã©</w>", ". .", ".. .</w>",
-]  # fmt: skip
+from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 
 SENTENCES = [
     "",
@@ -31,46 +23,11 @@ SENTENCES = [
     'punctuation... (brackets) [x] {y} "quotes" -- dash_underscore @#$',
     "aaaa aaa aa a hellllo",
     "hello<|endoftext|>cat <|startoftext|>",
+    "<|STARTOFTEXT|> matches bos only where the folder marks it normalized",
     "emoji 🙂 and 日本語",
     "a\u00a0non-breaking\u3000space",
     "the stars " * 60,  # truncated to 75 content tokens
 ]
-
-
-def write_tokenizer(folder, *, sd15_configs=True, pad_token="<|endoftext|>"):
-    """vocab = 256 byte symbols, their `</w>` forms, merge results, then the two special tokens (as CLIP)."""
-    folder.mkdir()
-    base = sorted(byte_alphabet())  # CLIP order: printable bytes ("!" = 0) first, then U+0100...
-    tokens = base + [b + "</w>" for b in base]
-    for merge in MERGES:
-        a, b = merge.split(" ")
-        if a + b not in tokens:
-            tokens.append(a + b)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
-    if sd15_configs:  # as in SD 1.5's tokenizer/ folder
-        special = lambda c: {
-            "content": c,
-            "lstrip": False,
-            "normalized": True,
-            "rstrip": False,
-            "single_word": False,
-        }
-        config = {
-            "bos_token": special("<|startoftext|>"),
-            "eos_token": special("<|endoftext|>"),
-            "unk_token": special("<|endoftext|>"),
-            "pad_token": pad_token,
-            "do_lower_case": True,
-            "model_max_length": 77,
-            "tokenizer_class": "CLIPTokenizer",
-        }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-        tokens_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        (folder / "special_tokens_map.json").write_text(json.dumps(tokens_map))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +86,17 @@ def test_missing_files_are_reported(tmp_path, folders):
 
 def test_bad_files_are_reported(tmp_path):
     folder = write_tokenizer(tmp_path / "bad_merge")
-    (folder / "merges.txt").write_text("#version: 0.2\nq z\n")
-    with pytest.raises(ValueError, match="not in the vocabulary"):
+    (folder / "merges.txt").write_text("#version: 0.2\nq z\n")  # "qz" is no vocabulary entry
+    with pytest.raises(ValueError, match="bad_merge.*merges.txt unreadable.*qz"):
         CLIPTokenizer.from_folder(folder)
     (folder / "merges.txt").write_text("#version: 0.2\nt h e\n")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ValueError, match="merges.txt unreadable.*line"):
         CLIPTokenizer.from_folder(folder)
     (folder / "vocab.json").write_text("{not json")
     with pytest.raises(ValueError, match="vocab.json"):
+        CLIPTokenizer.from_folder(folder)
+    folder = write_tokenizer(tmp_path / "bad_special", pad_token="<|pad|>")
+    with pytest.raises(ValueError, match=re.escape("pad_token '<|pad|>' is not in the vocabulary")):
         CLIPTokenizer.from_folder(folder)
     with pytest.raises(ValueError, match="max_length"):
         CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "ok"))("x", max_length=1)

@@ -11,8 +11,8 @@ from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state, torch_key
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 # Two embedding stages -> the condition image is 2x the latent (SD's four stages give 8x).
 TINY = dict(

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 import xdyna_jax
 from convert.__main__ import main as cli
-from convert.controlnet import CONTROL_PREFIX, convert_controlnet, diffusers_to_original
+from convert.controlnet import convert_controlnet
+from convert.controlnet_keys import CONTROL_PREFIX, diffusers_to_original
 from convert.state import export_torch_state
 from xdyna_jax.models.controlnet import ControlNetConfig
 

@@ -14,7 +14,9 @@ from convert.io import (
     ConversionError,
     atomic_output_dir,
     find_weights_file,
+    read_json,
     read_state_dict,
+    write_json,
     write_safetensors,
 )
 
@@ -36,6 +38,13 @@ def _assert_same(got, want):
         np.testing.assert_array_equal(got[k], v.astype(got[k].dtype), err_msg=k)
 
 
+def _normal_mode(kind: int) -> int:
+    """What open() / mkdir() give a new file (0o666) or folder (0o777) under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return kind & ~umask
+
+
 class _NotATensor:
     """A pickled class: weights_only=True must refuse it."""
 
@@ -49,6 +58,7 @@ def test_safetensors_round_trip(tmp_path):
     write_safetensors(want, path, metadata={"format": "pt"})
     _assert_same(read_state_dict(path), want)
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left behind
+    assert path.stat().st_mode & 0o777 == _normal_mode(0o666)  # not mkstemp's private 0o600
 
 
 def test_safetensors_fp16_and_bf16_upcast(tmp_path):
@@ -218,8 +228,16 @@ def test_atomic_output_dir_success(tmp_path):
     with atomic_output_dir(out) as tmp:
         assert tmp.parent == tmp_path and tmp != out and not out.exists()
         (tmp / "a.txt").write_text("new")
+        write_json(tmp / "manifest.json", {"path": tmp_path})  # non-JSON values are written as str
     assert (out / "a.txt").read_text() == "new"
+    assert read_json(out / "manifest.json", "manifest") == {"path": str(tmp_path)}
+    assert (out / "manifest.json").read_text().endswith("}\n")
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert out.stat().st_mode & 0o777 == _normal_mode(0o777)  # not mkdtemp's private 0o700
+    assert (out / "manifest.json").stat().st_mode & 0o777 == _normal_mode(0o666)
+    (out / "list.json").write_text("[1]")
+    with pytest.raises(ConversionError, match="config file .*list.json holds a JSON list, not an object"):
+        read_json(out / "list.json", "config")
 
 
 def test_atomic_output_dir_cleans_up_on_error(tmp_path):

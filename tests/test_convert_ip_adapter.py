@@ -7,10 +7,8 @@ import pytest
 import torch
 import transformers
 from diffusers import UNet2DConditionModel as TorchUNet
-from oracle import perturb_, torch_state
+from oracle import TINY_SD_UNET, diffusers_resampler, perturb_, to_original, torch_state
 from safetensors.numpy import load_file, save_file
-from test_convert_sd15 import TINY_UNET
-from test_resampler import diffusers_resampler, to_original
 
 import xdyna_jax
 from convert.__main__ import main as cli
@@ -45,7 +43,7 @@ TINY_VISION = dict(
     projection_dim=16,
     hidden_act="gelu",
 )
-# consistent with TINY_UNET (cross_attention_dim 32) and TINY_VISION (hidden 32)
+# consistent with TINY_SD_UNET (cross_attention_dim 32) and TINY_VISION (hidden 32)
 RESAMPLER = ResamplerConfig(
     dim=32, depth=4, dim_head=64, heads=2, num_queries=4, embedding_dim=32, output_dim=32, ff_mult=4
 )
@@ -59,7 +57,7 @@ def diffusers_attn2_order(unet_kw):
     return keys[1::2], unet
 
 
-@pytest.mark.parametrize("unet_kw", [TINY_UNET, DEEP_UNET, {}], ids=["tiny", "deep", "sd15"])
+@pytest.mark.parametrize("unet_kw", [TINY_SD_UNET, DEEP_UNET, {}], ids=["tiny", "deep", "sd15"])
 def test_attn2_names_follow_diffusers_attn_processors(unet_kw):
     expected, _ = diffusers_attn2_order(unet_kw)
     names = ip_adapter_attn2_names(UNetConfig(**unet_kw))
@@ -70,9 +68,9 @@ def test_attn2_names_follow_diffusers_attn_processors(unet_kw):
 
 
 def make_ip_adapter(seed=0, dtype=torch.float32):
-    """A fake ip-adapter-plus .bin for TINY_UNET: the Resampler's original keys and odd-indexed to_k/v_ip."""
+    """A fake ip-adapter-plus .bin for TINY_SD_UNET: the Resampler's original keys and odd-indexed to_k/v_ip."""
     image_proj = to_original(torch_state(diffusers_resampler(RESAMPLER, seed)))
-    cfg = UNetConfig(**TINY_UNET)
+    cfg = UNetConfig(**TINY_SD_UNET)
     rng = np.random.default_rng(seed)
     ip = {}
     for k, name in enumerate(ip_adapter_attn2_names(cfg)):
@@ -97,7 +95,7 @@ def tiny(tmp_path_factory):
     weights = root / "image_encoder" / "model.safetensors"
     state = {k: v.astype(np.float16) for k, v in load_file(str(weights)).items()}
     save_file({**state, "vision_model.embeddings.position_ids": np.arange(17)[None]}, str(weights))
-    _, unet = diffusers_attn2_order(TINY_UNET)
+    _, unet = diffusers_attn2_order(TINY_SD_UNET)
     unet.save_config(root / "unet")
     ckpt = make_ip_adapter()
     torch.save(ckpt, root / "ip-adapter-plus.bin")
@@ -134,7 +132,7 @@ def test_converted_bundles_and_attention_file(tiny):
         np.testing.assert_array_equal(encoder[k], v, err_msg=k)
 
     attn = load_file(str(out / "ip_attention.safetensors"))
-    names = ip_adapter_attn2_names(UNetConfig(**TINY_UNET))
+    names = ip_adapter_attn2_names(UNetConfig(**TINY_SD_UNET))
     assert sorted(attn) == sorted(f"{n}.{p}.weight" for n in names for p in ("to_k_ip", "to_v_ip"))
     mid = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v_ip.weight"
     np.testing.assert_array_equal(attn[mid], ckpt["ip_adapter"]["7.to_v_ip.weight"].numpy())
@@ -197,7 +195,11 @@ def test_mismatches_are_refused(tiny, tmp_path):
     ckpt = make_ip_adapter()
     # default UNet (SD 1.5) has 16 cross-attention layers, the file only 4
     convert_bad(
-        tiny, tmp_path, ckpt, r"(?s)does not fit the UNet.*missing: ip_adapter\.9\.", unet_config=None
+        tiny,
+        tmp_path,
+        ckpt,
+        r"(?s)does not fit the UNet.*missing: \d+ key\(s\): ip_adapter\.9\.",
+        unet_config=None,
     )
     bad = {"image_proj": ckpt["image_proj"], "ip_adapter": dict(ckpt["ip_adapter"])}
     bad["ip_adapter"]["3.to_k_ip.weight"] = torch.zeros(64, 32)
@@ -206,7 +208,7 @@ def test_mismatches_are_refused(tiny, tmp_path):
         "image_proj": ckpt["image_proj"],
         "ip_adapter": {**ckpt["ip_adapter"], "2.to_k_ip.weight": torch.zeros(1)},
     }
-    convert_bad(tiny, tmp_path, bad, r"unexpected: ip_adapter\.2\.to_k_ip")
+    convert_bad(tiny, tmp_path, bad, r"unexpected: 1 key\(s\): ip_adapter\.2\.to_k_ip")
     big = tiny["root"] / "big_encoder"
     transformers.CLIPVisionModelWithProjection(
         transformers.CLIPVisionConfig(**{**TINY_VISION, "hidden_size": 48})

@@ -4,16 +4,13 @@ import json
 import shutil
 
 import numpy as np
-import oracle
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
-from oracle import perturb_, torch_state
+from oracle import TINY_CLIP, TINY_SD_UNET, TINY_VAE, make_models, torch_state, write_diffusers_folder
 from safetensors.numpy import load_file, save_file
-from test_clip_tokenizer import write_tokenizer
-from transformers import CLIPTextConfig as TorchCLIPConfig
 from transformers import CLIPTextModel as TorchCLIP
 
 import xdyna_jax
@@ -25,23 +22,6 @@ from convert.io import ConversionError
 from convert.sd15 import convert_sd15
 from convert.state import export_torch_state
 
-TINY_UNET = dict(oracle.TINY_UNET, cross_attention_dim=32, sample_size=8)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    norm_num_groups=4,
-    layers_per_block=1,
-    latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-)
-TINY_CLIP = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    vocab_size=1000,
-    max_position_embeddings=77,
-)
 # SD 1.5's structure at 1/10 width: what a single file without --config-from is read as.
 NARROW_UNET = dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, sample_size=8)
 NARROW_VAE = dict(
@@ -59,24 +39,6 @@ NARROW_CLIP = dict(
     vocab_size=1000,
     max_position_embeddings=77,
 )
-
-
-def make_models(unet_kw, vae_kw, clip_kw, seed=0):
-    torch.manual_seed(seed)
-    models = (TorchUNet(**unet_kw), TorchVAE(**vae_kw), TorchCLIP(TorchCLIPConfig(**clip_kw)))
-    for i, m in enumerate(models):
-        perturb_(m, seed + i)
-    return models
-
-
-def write_diffusers_folder(folder, models):
-    unet, vae, clip = models
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    clip.save_pretrained(folder / "text_encoder")
-    write_tokenizer(folder / "tokenizer")
-    DDIMScheduler(beta_schedule="linear", steps_offset=1).save_pretrained(folder / "scheduler")
-    return folder
 
 
 def single_file_state(models, n_blocks, attention_blocks, layers_per_block):
@@ -98,7 +60,7 @@ def single_file_state(models, n_blocks, attention_blocks, layers_per_block):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    models = make_models(TINY_UNET, TINY_VAE, TINY_CLIP)
+    models = make_models(TINY_SD_UNET, TINY_VAE, TINY_CLIP)
     folder = write_diffusers_folder(root / "diffusers", models)
     converted = convert_sd15(folder, root / "converted", progress=False)
     states = {name: torch_state(m) for name, m in zip(("unet", "vae", "text_encoder"), models, strict=True)}
@@ -252,7 +214,8 @@ def test_unexpected_and_missing_keys_listed(tiny, tmp_path):
     del sd["conv_out.bias"]
     save_file(sd, str(f))
     with pytest.raises(
-        ConversionError, match=r"(?s)missing keys \(1\): conv_out\.bias.*unexpected keys \(1\): extra"
+        ConversionError,
+        match=r"(?s)missing keys: 1 key\(s\): conv_out\.bias.*unexpected keys: 1 key\(s\): extra",
     ):
         convert_sd15(folder, tmp_path / "out", progress=False)
 

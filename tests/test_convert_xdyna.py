@@ -1,5 +1,7 @@
 """`convert xdyna` on a tiny fake release (the release's file names, wrappers and key layouts, made here):
-the bundle loads and runs one denoising call with both ControlNets and the IP-Adapter tokens."""
+the bundle loads (through its manifest's kind) and runs one denoising call with both ControlNets and the
+IP-Adapter tokens; a ControlNet that does not fit the UNet is refused; `export --layout release` gives the
+release's files back."""
 
 import json
 
@@ -9,19 +11,23 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from oracle import random_torch_state
-from test_convert_sd15 import TINY_UNET, TINY_VAE, make_models, write_diffusers_folder
+from oracle import TINY_CLIP, TINY_SD_UNET, TINY_VAE, make_models, random_torch_state, write_diffusers_folder
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+import xdyna_jax
 from convert.__main__ import main as cli
+from convert.controlnet import convert_controlnet
+from convert.export import export
 from convert.io import ConversionError
 from convert.ip_adapter import ip_adapter_attn2_names
 from convert.video_unet import with_pe_buffers
+from convert.xdyna import convert_xdyna
+from xdyna_jax.bundle import read_params
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
 from xdyna_jax.models.unet import UNet, UNetConfig
-from xdyna_jax.models.xdyna import load_xdyna
 from xdyna_jax.nn.shape_only import shape_only_model
+from xdyna_jax.sampling.bundles import XDyna, load_pipeline, load_xdyna
 
 CROSS = 32
 XDYNA = UNetConfig(
@@ -48,6 +54,7 @@ def fake(tmp_path_factory):
     unet = shape_only_model(UNet, XDYNA)
     unet_state = with_pe_buffers(unet, random_torch_state(UNet, XDYNA, 0))
     save_ckpt(unet_state, root / "X-Dyna" / "unet-checkpoint-epoch-5.ckpt")
+    controlnets = {}
     for name, channels, seed in (
         ("controlnet-checkpoint-epoch-5.ckpt", 3, 1),
         ("controlnet-face-checkpoint-epoch-2.ckpt", 6, 2),
@@ -55,23 +62,12 @@ def fake(tmp_path_factory):
         cfg = ControlNetConfig(
             block_out_channels=(32, 64, 128, 128), cross_attention_dim=CROSS, conditioning_channels=channels
         )
-        state = random_torch_state(ControlNetModel, cfg, seed)
+        controlnets[name] = state = random_torch_state(ControlNetModel, cfg, seed)
         save_ckpt(state, root / "X-Dyna" / "pretrained_weights" / name)
 
     sd15 = write_diffusers_folder(
         root / "sd15",
-        make_models(
-            TINY_UNET,
-            TINY_VAE,
-            dict(
-                hidden_size=CROSS,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                vocab_size=1000,
-                max_position_embeddings=77,
-            ),
-        ),
+        make_models(TINY_SD_UNET, TINY_VAE, dict(TINY_CLIP, hidden_size=CROSS)),
     )
 
     models = root / "IP-Adapter" / "models"
@@ -117,13 +113,19 @@ def fake(tmp_path_factory):
         )
         == 0
     )
-    return root, out, unet_state
+    return root, out, unet_state, controlnets
+
+
+def sd15_args(root):
+    return root / "sd15", root / "IP-Adapter"
 
 
 def test_bundle_loads_and_denoises(fake):
-    _, out, unet_state = fake
-    xd = load_xdyna(out)
+    _, out, unet_state, _ = fake
+    xd = load_pipeline(out)  # dispatches on the manifest's kind
+    assert isinstance(xd, XDyna)
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "xdyna"
     assert set(manifest["parts"]) >= {
         "unet",
         "controlnet_pose",
@@ -156,10 +158,64 @@ def test_bundle_loads_and_denoises(fake):
 
 
 def test_missing_release_file(fake, tmp_path):
-    root, _, _ = fake
+    root = fake[0]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConversionError, match="unet-checkpoint-epoch-5.ckpt"):
-        from convert.xdyna import convert_xdyna
-
-        convert_xdyna(tmp_path / "empty", root / "sd15", root / "IP-Adapter", tmp_path / "out")
+        convert_xdyna(tmp_path / "empty", *sd15_args(root), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_manifest_kind_is_required(fake, tmp_path):
+    out = fake[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for kind, message in ((None, "names no pipeline kind"), ("toaster", "unknown pipeline kind 'toaster'")):
+        (bad / "manifest.json").write_text(json.dumps({**manifest, "kind": kind} if kind else {}))
+        with pytest.raises(xdyna_jax.BundleError, match=message) as e:
+            load_pipeline(bad)
+        assert str(bad / "manifest.json") in str(e.value)
+    with pytest.raises(xdyna_jax.BundleError, match="manifest.json is missing"):
+        load_xdyna(tmp_path)
+
+
+def test_controlnet_that_does_not_fit_the_unet_is_refused(fake, tmp_path):
+    root = fake[0]
+    release = tmp_path / "X-Dyna"
+    release.mkdir()
+    (release / "unet-checkpoint-epoch-5.ckpt").symlink_to(root / "X-Dyna" / "unet-checkpoint-epoch-5.ckpt")
+    narrow = ControlNetConfig(block_out_channels=(32, 64, 128, 128), cross_attention_dim=16)
+    save_ckpt(random_torch_state(ControlNetModel, narrow, 4), release / "controlnet-checkpoint-epoch-5.ckpt")
+    with pytest.raises(ConversionError) as e:
+        convert_xdyna(release, *sd15_args(root), tmp_path / "out", progress=False)
+    message = str(e.value)
+    assert "controlnet-checkpoint-epoch-5.ckpt" in message and "unet-checkpoint-epoch-5.ckpt" in message
+    assert "cross_attention_dim: ControlNet 16 vs UNet 32" in message and "block_out_channels" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_layout_export_gives_the_release_files_back(fake, tmp_path):
+    _, out, unet_state, controlnets = fake
+    export(out, tmp_path / "release", "release")
+    files = sorted(p.name for p in (tmp_path / "release").iterdir())
+    assert files == sorted(["unet-checkpoint-epoch-5.ckpt", *controlnets])
+    unet = torch.load(tmp_path / "release" / "unet-checkpoint-epoch-5.ckpt", weights_only=True)
+    assert sorted(unet) == sorted(unet_state)  # the release's key set, pe buffers included
+    for name, state in controlnets.items():
+        back = torch.load(tmp_path / "release" / name, weights_only=True)
+        assert sorted(back) == sorted(state)
+        for k, v in state.items():
+            np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+    # release file -> bundle again: the same params
+    convert_controlnet(tmp_path / "release" / "controlnet-checkpoint-epoch-5.ckpt", tmp_path / "pose")
+    a, b = read_params(out / "controlnet_pose"), read_params(tmp_path / "pose")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+def test_video_unet_is_not_exported_as_a_2d_diffusers_unet(fake, tmp_path):
+    out = fake[1]
+    with pytest.raises(ConversionError, match="video UNet bundle.*Dynamics-Adapter.*--layout release"):
+        export(out / "unet", tmp_path / "diffusers", "diffusers")
+    assert not (tmp_path / "diffusers").exists()

@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from convert.io import ConversionError
+from convert.key_tables import PARAM, PASS, KeyTable, Rest
 from convert.ldm_keys import (
     CLIP_PREFIX,
     UNET_PREFIX,
@@ -394,3 +395,21 @@ def test_split_says_what_a_foreign_file_looks_like(keys, guess):
     with pytest.raises(ConversionError, match="no model.diffusion_model.* keys: not a Stable Diffusion") as e:
         split_single_file(dict.fromkeys(keys, torch.zeros(1)))
     assert guess in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ table engine
+
+
+def test_key_table_refuses_names_the_other_direction_would_read_differently():
+    table = KeyTable([("block.", "blk.", PASS), ("block.norms.0.", "blk.norm1.", PARAM)])
+    assert table.to_diffusers({"block.norms.0.weight": 1, "block.ff.bias": 2}, "t") == {
+        "blk.norm1.weight": 1,
+        "blk.ff.bias": 2,
+    }
+    # `blk.norm1.x` would come back through the norms row as `block.norms.0.x`: refused, not renamed lossily
+    with pytest.raises(ConversionError, match=r"t: no mapping for 2 key\(s\): block.norm1.weight, blk.x"):
+        table.to_diffusers({"block.norm1.weight": 1, "blk.x": 2}, "t")
+    with pytest.raises(ValueError, match="one-to-one"):
+        Rest({"a": "x", "b": "x"})
+    with pytest.raises(ValueError, match="share the prefix"):
+        KeyTable([("a.", "x.", PASS), ("b.", "x.", PASS)])

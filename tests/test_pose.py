@@ -1,7 +1,12 @@
-"""Pose skeletons: rendering against hand-computed pixels, readers, and driving-pose alignment."""
+"""Pose skeletons: rendering against the annotator's OpenCV drawing and hand-computed pixels, readers, and
+driving-pose alignment."""
 
+import colorsys
+import dataclasses
 import json
+import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -11,9 +16,7 @@ from xdyna_jax.conditioning.pose import (
     align_global,
     align_limbs,
     align_poses,
-    circle_pixels,
     draw_pose,
-    ellipse_polygon,
     from_arrays,
     from_dwpose,
     limb_ratios,
@@ -119,26 +122,103 @@ def test_stick_scale_doubles_widths():
     assert resolve_stick_scale("auto", 1024, 512) == 2.0
 
 
-def test_raster_primitives_match_opencv_geometry():
-    # cv2.circle(radius=4, filled): half-widths 4, 3, 3, 2, 0 on rows 0..4 (its midpoint algorithm).
-    rows = {}
-    for x, y in circle_pixels(0, 0, 4):
-        rows.setdefault(y, set()).add(x)
-    assert {y: max(xs) for y, xs in rows.items()} == {
-        0: 4,
-        1: 3,
-        -1: 3,
-        2: 3,
-        -2: 3,
-        3: 2,
-        -3: 2,
-        4: 0,
-        -4: 0,
-    }
-    # ellipse2Poly(center, (20, 4), angle, 0, 360, 1) starts on the major axis.
-    assert ellipse_polygon((80, 100), (20, 4), 0)[0] == (100, 100)
-    assert (80, 104) in ellipse_polygon((80, 100), (20, 4), 0)
-    assert ellipse_polygon((80, 100), (20, 4), 90)[0] == (80, 120)
+# The DWPose annotator's tables: limb pairs (1-based joint numbers; it draws the first 17) and colours.
+ANNOTATOR_LIMBS = [
+    [2, 3], [2, 6], [3, 4], [4, 5], [6, 7], [7, 8], [2, 9], [9, 10], [10, 11], [2, 12], [12, 13],
+    [13, 14], [2, 1], [1, 15], [15, 17], [1, 16], [16, 18], [3, 17], [6, 18],
+]  # fmt: skip
+ANNOTATOR_COLORS = [
+    [255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 255, 0], [85, 255, 0], [0, 255, 0],
+    [0, 255, 85], [0, 255, 170], [0, 255, 255], [0, 170, 255], [0, 85, 255], [0, 0, 255], [85, 0, 255],
+    [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85],
+]  # fmt: skip
+ANNOTATOR_HAND_EDGES = [
+    [0, 1], [1, 2], [2, 3], [3, 4], [0, 5], [5, 6], [6, 7], [7, 8], [0, 9], [9, 10], [10, 11], [11, 12],
+    [0, 13], [13, 14], [14, 15], [15, 16], [0, 17], [17, 18], [18, 19], [19, 20],
+]  # fmt: skip
+
+
+def annotator_drawing(kps, scores, height, width, *, head, hands, face):
+    """DWPose's detector post-processing and drawing, redone here with cv2 from the annotator's rules.
+
+    kps (134, 2) pixels and scores (134,) in DWPose's whole-body layout. The detector normalises by W, H,
+    keeps a body joint when its score > 0.3 and marks any other point scoring < 0.3 with -1; the drawing
+    multiplies back by W, H and truncates. Without the head skeleton the eyes and ears count as missing.
+    """
+    cand = kps / [float(width), float(height)]
+    body, body_ok = cand[:18], scores[:18] > 0.3
+    if not head:
+        body_ok[14:18] = False
+    others = np.where((scores < 0.3)[:, None], -1.0, cand)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for i in range(17):
+        j, k = ANNOTATOR_LIMBS[i][0] - 1, ANNOTATOR_LIMBS[i][1] - 1
+        if not (body_ok[j] and body_ok[k]):
+            continue
+        xs, ys = body[[j, k], 0] * float(width), body[[j, k], 1] * float(height)
+        length = ((xs[0] - xs[1]) ** 2 + (ys[0] - ys[1]) ** 2) ** 0.5
+        angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
+        poly = cv2.ellipse2Poly(
+            (int(np.mean(xs)), int(np.mean(ys))), (int(length / 2), 4), int(angle), 0, 360, 1
+        )
+        cv2.fillConvexPoly(canvas, poly, ANNOTATOR_COLORS[i])
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for i in range(18):
+        if body_ok[i]:
+            center = (int(body[i, 0] * width), int(body[i, 1] * height))
+            cv2.circle(canvas, center, 4, ANNOTATOR_COLORS[i], thickness=-1)
+    to_px = lambda p: (int(p[0] * width), int(p[1] * height))
+    shown = lambda q: q[0] > 0.01 and q[1] > 0.01
+    for peaks in [others[92:113], others[113:134]] if hands else []:
+        for e, (a, b) in enumerate(ANNOTATOR_HAND_EDGES):
+            p, q = to_px(peaks[a]), to_px(peaks[b])
+            if shown(p) and shown(q):
+                color = np.array(colorsys.hsv_to_rgb(e / 20.0, 1.0, 1.0)) * 255
+                cv2.line(canvas, p, q, color.tolist(), thickness=2)
+        for p in map(to_px, peaks):
+            if shown(p):
+                cv2.circle(canvas, p, 4, (0, 0, 255), thickness=-1)
+    for p in map(to_px, others[24:92]) if face else []:
+        if shown(p):
+            cv2.circle(canvas, p, 3, (255, 255, 255), thickness=-1)
+    return canvas
+
+
+def random_wholebody(seed, height, width):
+    """134 keypoints spread over (and a little beyond) the frame, a third of them scoring below 0.3."""
+    rng = np.random.default_rng(seed)
+    kps = rng.uniform(-8, 8, (134, 2)) + rng.uniform(0, 1, (134, 2)) * [width, height]
+    hand_roots = kps[[7, 4]]  # hands near the wrists, so the edges are short as in real poses
+    kps[92:113] = hand_roots[0] + rng.normal(0, 12, (21, 2))
+    kps[113:134] = hand_roots[1] + rng.normal(0, 12, (21, 2))
+    kps[24:92] = kps[0] + rng.normal(0, 10, (68, 2))
+    scores = rng.uniform(0, 1, 134)
+    scores[:5] = 0.9  # nose, neck, right arm always drawn
+    return kps, scores
+
+
+@pytest.mark.parametrize(
+    "seed, head, hands, face",
+    [(0, False, True, False), (1, True, True, True), (2, True, False, True), (3, False, True, True)],
+)
+def test_pose_image_equals_annotator_drawing(seed, head, hands, face):
+    height, width = 160, 128  # not square: x scales by W, y by H
+    kps, scores = random_wholebody(seed, height, width)
+    expected = annotator_drawing(kps, scores, height, width, head=head, hands=hands, face=face)
+    stack = lambda idx: np.concatenate([kps[idx], scores[idx, None]], -1)
+    (frame,) = from_arrays(
+        stack(slice(0, 18))[None],
+        np.stack([stack(slice(92, 113)), stack(slice(113, 134))])[None],
+        stack(slice(24, 92))[None],
+    )
+    got = draw_pose(frame, height, width, draw_head=head, draw_hands=hands, draw_face=face)
+    assert got.dtype == np.uint8 and got.shape == (height, width, 3)
+    assert (expected > 0).any(-1).sum() > 1000  # a substantial drawing, not two black images
+    np.testing.assert_array_equal(got, expected)
+    # The same person in normalised coordinates draws the same image.
+    normalized = draw_pose(frame.to_normalized(height, width), height, width, draw_head=head,
+                           draw_hands=hands, draw_face=face)  # fmt: skip
+    np.testing.assert_array_equal(normalized, expected)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -155,7 +235,10 @@ def reference_frame() -> PoseFrame:
     rng = np.random.default_rng(0)
     hands = np.stack([body[7] + rng.uniform(-15, 15, (21, 2)), body[4] + rng.uniform(-15, 15, (21, 2))])
     hands[:, 0] = body[[7, 4]]  # hand root on the wrist
-    return PoseFrame(body, np.full(18, 0.9), hands, np.full((2, 21), 0.8))
+    face = body[0] + rng.uniform(-10, 10, (68, 2))
+    return PoseFrame(
+        body, np.full(18, 0.9), hands, np.full((2, 21), 0.8), face=face, face_scores=np.full(68, 0.7)
+    )
 
 
 def openpose_entry(frame: PoseFrame, body25: bool = False) -> dict:
@@ -163,11 +246,14 @@ def openpose_entry(frame: PoseFrame, body25: bool = False) -> dict:
     if body25:  # insert MidHip at 8 and six foot points at 19..24
         rows = np.concatenate([rows[:8], [[1, 2, 0.5]], rows[8:], np.full((6, 3), 7.0)])
     hand = np.concatenate([frame.hands[0], frame.hand_scores[0][:, None]], 1)
+    face = np.concatenate([frame.face, frame.face_scores[:, None]], 1)
+    face = np.concatenate([face, [[5, 5, 0.5], [6, 6, 0.5]]])  # OpenPose's 70 points end with the pupils
     return {
         "person_id": [-1],
         "pose_keypoints_2d": rows.reshape(-1).tolist(),
         "hand_left_keypoints_2d": hand.reshape(-1).tolist(),
         "hand_right_keypoints_2d": [],
+        "face_keypoints_2d": face.reshape(-1).tolist(),
     }
 
 
@@ -183,16 +269,19 @@ def test_read_openpose_json(tmp_path, body25):
     assert not got.body_visible()[3]
     np.testing.assert_allclose(got.hands[0], ref.hands[0])
     assert not got.hands_visible().any(-1)[1]  # empty right hand = missing
+    np.testing.assert_allclose(got.face, ref.face)
+    np.testing.assert_allclose(got.face_scores, ref.face_scores)
 
 
 def test_openpose_folder_order_and_round_trip(tmp_path):
     ref = reference_frame()
     for n in (10, 2, 1):  # unpadded numbers: lexicographic order would be wrong
-        frame = PoseFrame(ref.body + [n, 0], ref.body_scores, ref.hands, ref.hand_scores)
+        frame = dataclasses.replace(ref, body=ref.body + [n, 0])
         write_openpose_json(frame, tmp_path / f"clip_{n}_keypoints.json")
     frames = read_openpose_folder(tmp_path)
     assert [f.body[1, 0] - 256 for f in frames] == [1, 2, 10]
     np.testing.assert_allclose(frames[0].hands, ref.hands + [0, 0])
+    np.testing.assert_allclose(frames[0].face, ref.face)
     (tmp_path / "clip_0_keypoints.json").write_text('{"people": []}')  # nobody detected: empty frame
     assert not read_openpose_folder(tmp_path)[0].body_visible().any()
     (tmp_path / "notes.json").write_text("{}")
@@ -216,9 +305,11 @@ def test_malformed_openpose_files_name_the_file(tmp_path):
 
 def test_array_and_dwpose_constructors():
     ref = reference_frame()
-    body, hands = to_arrays([ref, ref])
-    frames = from_arrays(body, hands)
+    body, hands, face = to_arrays([ref, ref])
+    frames = from_arrays(body, hands, face)
     assert len(frames) == 2 and np.array_equal(frames[1].hands, ref.hands)
+    np.testing.assert_array_equal(frames[0].face, ref.face)
+    assert not from_arrays(body, hands)[0].face_visible().any()  # no face given: all missing
     with pytest.raises(ValueError, match=r"\(T, 18, 3\)"):
         from_arrays(body[:, :17])
     with pytest.raises(ValueError, match="PoseFrame.body must have shape"):
@@ -230,11 +321,16 @@ def test_array_and_dwpose_constructors():
     subset[1, 5] = -1
     dw_hands = np.random.default_rng(2).uniform(0, 1, (4, 21, 2))
     dw_hands[3] = -1  # right hand of person 1
-    frame = from_dwpose(candidate, subset, dw_hands, person=1)
+    dw_faces = np.random.default_rng(3).uniform(0, 1, (2, 68, 2))
+    dw_faces[1, 10] = -1
+    frame = from_dwpose(candidate, subset, dw_hands, dw_faces, person=1)
     assert frame.normalized and not frame.body_visible()[5] and frame.body_visible().sum() == 17
     np.testing.assert_allclose(frame.body[0], candidate[18])
     np.testing.assert_allclose(frame.hands[0], dw_hands[1])
     assert not frame.hands_visible()[1].any()
+    assert frame.face_visible().sum() == 67 and np.array_equal(frame.face[11], dw_faces[1, 11])
+    with pytest.raises(ValueError, match=r"faces must have shape \(2, 68, 2\)"):
+        from_dwpose(candidate, subset, faces=dw_faces[:1])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -265,7 +361,10 @@ def reshape_person(frame: PoseFrame, scales: dict, s: float, shift) -> PoseFrame
     hands = frame.hands.copy()
     for i, wrist in enumerate((7, 4)):
         hands[i] = body[wrist] + scales.get("lower_arm", 1.0) * (frame.hands[i] - frame.body[wrist])
-    return PoseFrame(body * s + shift, frame.body_scores, hands * s + shift, frame.hand_scores)
+    face = body[0] + (frame.face - frame.body[0])  # the head keeps its size
+    return PoseFrame(
+        body, frame.body_scores, hands, frame.hand_scores, face=face, face_scores=frame.face_scores
+    ).map_points(lambda p: p * s + shift)
 
 
 def rotate_forearm(frame: PoseFrame, degrees: float) -> PoseFrame:
@@ -274,7 +373,9 @@ def rotate_forearm(frame: PoseFrame, degrees: float) -> PoseFrame:
     rot = lambda p: frame.body[3] + (p - frame.body[3]) @ np.array([[c, s], [-s, c]])
     body, hands = frame.body.copy(), frame.hands.copy()
     body[4], hands[1] = rot(body[4]), rot(hands[1])
-    return PoseFrame(body, frame.body_scores, hands, frame.hand_scores)
+    return PoseFrame(
+        body, frame.body_scores, hands, frame.hand_scores, face=frame.face, face_scores=frame.face_scores
+    )
 
 
 def bone_lengths(frame: PoseFrame) -> np.ndarray:
@@ -289,6 +390,7 @@ def test_align_global_recovers_scaled_shifted_reference():
     out = align_global(driving, ref)
     np.testing.assert_allclose(out[0].body, ref.body, atol=1.0)
     np.testing.assert_allclose(out[0].hands, ref.hands, atol=1.0)
+    np.testing.assert_allclose(out[0].face, ref.face, atol=1.0)
     for t in (1, 2):  # motion relative to the anchor is kept, at the reference's scale
         np.testing.assert_allclose(
             out[t].body - out[0].body, (driving[t].body - anchor.body) / 1.3, atol=1e-6
@@ -314,6 +416,7 @@ def test_align_limbs_recovers_reference_proportions():
     out = align_limbs(driving, ref)
     np.testing.assert_allclose(out[0].body, ref.body, atol=1.0)
     np.testing.assert_allclose(out[0].hands, ref.hands, atol=1.0)
+    np.testing.assert_allclose(out[0].face, ref.face, atol=1.0)
     np.testing.assert_allclose(bone_lengths(out[1]), bone_lengths(ref), atol=1.0)
     direction = lambda f: (f.body[4] - f.body[3]) / np.linalg.norm(f.body[4] - f.body[3])
     np.testing.assert_allclose(direction(out[1]), direction(driving[1]), atol=1e-6)  # the motion is kept

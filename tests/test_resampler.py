@@ -4,68 +4,22 @@ The two hold the same weights under different names. `to_original` maps diffuser
 is itself checked against diffusers' own loader (`_convert_ip_adapter_image_proj_to_diffusers`).
 """
 
-import re
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers.loaders.unet import UNet2DConditionLoadersMixin
-from diffusers.models.embeddings import IPAdapterPlusImageProjection
-from oracle import perturb_, rel_err, torch_state
+from oracle import diffusers_resampler, rel_err, to_original, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 # diffusers' loader infers only the widths: it assumes dim_head 64, depth 4 and ff_mult 4.
 TINY = ResamplerConfig(
     dim=32, depth=4, dim_head=64, heads=2, num_queries=5, embedding_dim=24, output_dim=20, ff_mult=4
 )
-
-
-def diffusers_resampler(cfg: ResamplerConfig, seed=0):
-    torch.manual_seed(seed)
-    ref = IPAdapterPlusImageProjection(
-        embed_dims=cfg.embedding_dim,
-        output_dims=cfg.output_dim,
-        hidden_dims=cfg.dim,
-        depth=cfg.depth,
-        dim_head=cfg.dim_head,
-        heads=cfg.heads,
-        num_queries=cfg.num_queries,
-        ffn_ratio=cfg.ff_mult,
-    ).eval()
-    perturb_(ref, seed)
-    return ref
-
-
-_RENAMES = [
-    (r"^layers\.(\d+)\.ln0\.", r"layers.\1.0.norm1."),
-    (r"^layers\.(\d+)\.ln1\.", r"layers.\1.0.norm2."),
-    (r"^layers\.(\d+)\.attn\.to_q\.", r"layers.\1.0.to_q."),
-    (r"^layers\.(\d+)\.attn\.to_out\.0\.", r"layers.\1.0.to_out."),
-    (r"^layers\.(\d+)\.ff\.0\.", r"layers.\1.1.0."),
-    (r"^layers\.(\d+)\.ff\.1\.net\.0\.proj\.", r"layers.\1.1.1."),
-    (r"^layers\.(\d+)\.ff\.1\.net\.2\.", r"layers.\1.1.3."),
-]
-
-
-def to_original(state: dict) -> dict:
-    """diffusers IPAdapterPlusImageProjection keys -> ip-adapter-plus .bin `image_proj` keys."""
-    out = {}
-    for key, value in state.items():
-        m = re.match(r"^layers\.(\d+)\.attn\.to_([kv])\.weight$", key)
-        if m:
-            if m.group(2) == "k":  # to_kv = [to_k; to_v] along the output rows
-                v = state[f"layers.{m.group(1)}.attn.to_v.weight"]
-                out[f"layers.{m.group(1)}.0.to_kv.weight"] = np.concatenate([value, v], axis=0)
-            continue
-        for pattern, repl in _RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
 
 
 def build_pair(cfg=TINY, seed=0):

@@ -9,8 +9,8 @@ from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.unet import UNet, UNetConfig
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 CONFIGS = {
     # diffusers' own unit-test config (checkpoint_formats.md section 7)

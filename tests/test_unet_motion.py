@@ -16,8 +16,8 @@ from oracle import TINY_UNET, jitted, perturb_, rel_err, torch_state
 from convert.animatediff_keys import diffusers_motion_to_original
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet, UNetConfig
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 B, FRAMES, H, W, CROSS = 1, 4, 8, 8, 16
 TINY = dict(TINY_UNET, in_channels=4, out_channels=4, sample_size=8)

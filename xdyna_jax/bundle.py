@@ -4,8 +4,10 @@
     unet = xdyna_jax.load("out/unet")                                   # host-local arrays
     unet = xdyna_jax.load("out/unet", sharding=NamedSharding(mesh, P()))  # every param on that sharding
     unet = xdyna_jax.load("out/unet", sharding=lambda path, shape: ...)  # per-parameter placement
+    unet = xdyna_jax.load("out/unet", param_dtype="bfloat16")         # cast while restoring
 
 A bundle appears atomically: it is written to a temporary sibling directory and renamed into place.
+`model.json` records the stored parameter dtype (`param_dtype`, float32 when absent).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 FORMAT_VERSION = 1
 
@@ -41,6 +45,13 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 
 Sharding = jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+# Bytes orbax may hold in flight while writing / reading: bounds the transient copies of a multi-GB model
+# (a restore that casts reads each tensor in its stored dtype before casting it).
+_CONCURRENT_GB = 1
+# numpy params are written in batches of about this many bytes (see _HostArrayHandler)
+_WRITE_BATCH_BYTES = 256 * 2**20
 
 
 class BundleError(Exception):
@@ -66,19 +77,88 @@ def kind_of(module: nnx.Module) -> str:
     )
 
 
-def save(module: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `module` (config + float32 params) as a bundle at `path`; returns the path."""
+class _HostArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Writes numpy params in place and a bounded batch at a time.
+
+    orbax's numpy handler deep-copies every array first and then writes all of them at once, each write
+    holding its own encoded copy: a full second copy of the model, where the converters need one (their
+    params are views of the checkpoint's tensors). Writing batch after batch bounds the extra memory by the
+    batch size. orbax-checkpoint is pinned, so reusing its per-batch writer is safe.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        batch, size = [], 0
+        for item in zip(values, infos, args, strict=True):
+            batch.append(item)
+            size += item[0].nbytes
+            if size >= _WRITE_BATCH_BYTES:
+                await super()._background_serialize(*map(list, zip(*batch, strict=True)))
+                batch, size = [], 0
+        if batch:
+            await super()._background_serialize(*map(list, zip(*batch, strict=True)))
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, _HostArrayHandler()),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=_CONCURRENT_GB,
+        restore_concurrent_gb=_CONCURRENT_GB,
+        type_handler_registry=registry,
+    )
+    return ocp.Checkpointer(handler)
+
+
+def _check_dtype(param_dtype: str, what: str) -> str:
+    if param_dtype not in PARAM_DTYPES:
+        raise BundleError(f"{what}: param_dtype {param_dtype!r} is not one of {list(PARAM_DTYPES)}")
+    return param_dtype
+
+
+def _stored_dtype(params: dict) -> str:
+    """The one floating dtype the params hold (a bundle records a single param_dtype)."""
+    dtypes = {jnp.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(params)}
+    if len(dtypes) != 1:
+        raise BundleError(f"params hold several dtypes {sorted(dtypes)}; pass param_dtype= to store one")
+    return _check_dtype(dtypes.pop(), "save")
+
+
+def save(
+    module: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    param_dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `module` (config + params) as a bundle at `path`; returns the path.
+
+    Params are stored in the dtype they hold, or cast to `param_dtype` tensor by tensor while writing.
+    numpy params (what the converters build) are written without a device copy.
+    """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    meta = {"format_version": FORMAT_VERSION, "kind": kind_of(module), "config": module.config.to_dict()}
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    stored = _check_dtype(param_dtype, f"save {path}") if param_dtype else _stored_dtype(params)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind_of(module),
+        "param_dtype": stored,
+        "config": module.config.to_dict(),
+    }
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(dtype=jnp.dtype(stored)), params)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a bundle is an ordinary folder
     try:
-        params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "weights", params)
-        checkpointer.wait_until_finished()
+        checkpointer = _checkpointer()
+        checkpointer.save(tmp / "weights", args=ocp.args.PyTreeSave(params, save_args=save_args))
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -114,18 +194,41 @@ def build_abstract(path: str | os.PathLike, compute: Compute | None = None) -> n
     return shape_only_model(model_cls, config)
 
 
-def _target(abstract_params: dict, sharding: Sharding) -> dict:
-    def leaf(path, x):
-        names = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        s = sharding(names, x.shape) if callable(sharding) else sharding
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+def _target(abstract_params: dict, sharding: Sharding, dtype: str) -> dict:
+    """What each param is restored as: its shape, the wanted dtype (orbax casts on read), its placement."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else None
 
-    if sharding is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract_params
-        )
+    def leaf(path, x):
+        if single is not None:
+            s = single
+        elif callable(sharding):
+            s = sharding(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), x.shape)
+        else:
+            s = sharding
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s)
+
     return jax.tree_util.tree_map_with_path(leaf, abstract_params)
+
+
+def _restore(path: Path, target: dict, restore_args: dict) -> dict:
+    try:
+        return _checkpointer().restore(
+            path / "weights", args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        )
+    except Exception as e:  # orbax raises many types; one message naming the bundle is what users need
+        raise BundleError(f"cannot restore weights of {path}: {e}") from e
+
+
+def _dtypes(path: Path, meta: dict, param_dtype: str | None) -> str:
+    stored = _check_dtype(meta.get("param_dtype", "float32"), str(path / "model.json"))
+    return _check_dtype(param_dtype, f"load {path}") if param_dtype else stored
+
+
+def _checked_meta(path: Path, expected_kind: str | None) -> dict:
+    meta = read_meta(path)
+    if expected_kind is not None and meta["kind"] != expected_kind:
+        raise BundleError(f"{path} holds a {meta['kind']!r} bundle, expected {expected_kind!r}")
+    return meta
 
 
 def load(
@@ -134,23 +237,39 @@ def load(
     sharding: Sharding = None,
     compute: Compute | None = None,
     expected_kind: str | None = None,
+    param_dtype: str | None = None,
 ) -> nnx.Module:
     """Rebuild the module saved at `path` and restore its weights.
 
-    sharding: None (first device), one Sharding for every param, or `f(param_path, shape) -> Sharding`.
-    compute:  override the saved compute settings (dtype, precision, attention backend).
+    sharding:    None (first device), one Sharding for every param, or `f(param_path, shape) -> Sharding`.
+    compute:     override the saved compute settings (dtype, precision, attention backend).
+    param_dtype: the params' dtype after loading (default: as stored); each tensor is cast as it is read,
+                 so a float32 bundle loaded as bfloat16 never holds a float32 copy of the whole model.
     """
     path = Path(path).absolute()
-    meta = read_meta(path)
-    if expected_kind is not None and meta["kind"] != expected_kind:
-        raise BundleError(f"{path} holds a {meta['kind']!r} bundle, expected {expected_kind!r}")
+    wanted = _dtypes(path, _checked_meta(path, expected_kind), param_dtype)
     model = build_abstract(path, compute)
     state = nnx.state(model, nnx.Param)
-    abstract = nnx.to_pure_dict(state)
-    try:
-        restored = ocp.StandardCheckpointer().restore(path / "weights", _target(abstract, sharding))
-    except Exception as e:  # orbax raises many types; one message naming the bundle is what users need
-        raise BundleError(f"cannot restore weights of {path}: {e}") from e
+    target = _target(nnx.to_pure_dict(state), sharding, wanted)
+    restored = _restore(path, target, ocp.checkpoint_utils.construct_restore_args(target))
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
+
+
+def read_params(
+    path: str | os.PathLike, *, expected_kind: str | None = None, param_dtype: str | None = None
+) -> dict[tuple, np.ndarray]:
+    """The bundle's params as host numpy arrays, `{param path: array}`, with no module and no device copy.
+
+    For tools that rewrite weights (exporters): they can drop each array as soon as it is written out.
+    """
+    path = Path(path).absolute()
+    wanted = np.dtype(jnp.dtype(_dtypes(path, _checked_meta(path, expected_kind), param_dtype)))
+    abstract = nnx.to_pure_dict(nnx.state(build_abstract(path), nnx.Param))
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=wanted), abstract)
+    restored = _restore(path, abstract, args)
+    return {
+        tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keys): leaf
+        for keys, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]
+    }

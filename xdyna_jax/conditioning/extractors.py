@@ -6,7 +6,8 @@ every weight file is a local path the user gives (or, for face_alignment, a file
 
 - ``DWPoseOnnx(det_onnx_path, pose_onnx_path)``: YOLOX person detector + RTMPose whole-body (SimCC) model,
   e.g. ``yolox_l.onnx`` and ``dw-ll_ucoco_384.onnx`` from the DWPose release. Same pre/post-processing as
-  DWPose's ``annotator/dwpose`` (onnxdet.py, onnxpose.py, wholebody.py), with NumPy in place of OpenCV.
+  the DWPose ControlNet annotator, with the same OpenCV calls: bilinear ``cv2.resize`` into the detector's
+  letterbox, NMS, ``cv2.getAffineTransform`` + bilinear ``cv2.warpAffine`` for the pose crop.
 - ``FaceAlignmentLandmarks``: ``face_alignment.FaceAlignment(LandmarksType 2D, flip_input=True)`` with the
   SFD detector, as in X-Dyna's ``inference_xdyna.py``; returns the first detected face or None.
 """
@@ -20,9 +21,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+import cv2
 import numpy as np
+
+from xdyna_jax.conditioning.pose import PoseFrame
 
 
 class ExtractorUnavailable(ImportError):
@@ -30,8 +34,8 @@ class ExtractorUnavailable(ImportError):
 
 
 class PoseExtractor(Protocol):
-    def __call__(self, frame: np.ndarray) -> Any:
-        """RGB uint8 (H, W, 3) frame -> a ``PoseFrame`` (body (18, 2), body_scores, hands (2, 21, 2), ...)."""
+    def __call__(self, frame: np.ndarray) -> PoseFrame:
+        """RGB uint8 (H, W, 3) frame -> the most confident person's keypoints (pixel coordinates)."""
         ...
 
 
@@ -66,57 +70,6 @@ def _check_frame(frame) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Image resampling (NumPy stand-ins for cv2.resize / cv2.warpAffine with INTER_LINEAR)
-# --------------------------------------------------------------------------------------------------------
-
-
-def _bilinear(img: np.ndarray, sx: np.ndarray, sy: np.ndarray, clamp: bool) -> np.ndarray:
-    """Sample ``img`` (H, W, C) at float pixel coordinates (pixel centres at integers).
-
-    ``clamp`` repeats the edge pixels (cv2.resize); otherwise samples outside the image count as 0
-    (cv2.warpAffine, BORDER_CONSTANT). Float weights: OpenCV's fixed-point weights can differ by one level.
-    """
-    h, w = img.shape[:2]
-    src = img.astype(np.float32)
-    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
-    fx, fy = (sx - x0).astype(np.float32)[..., None], (sy - y0).astype(np.float32)[..., None]
-    out = np.zeros((*sx.shape, img.shape[2]), np.float32)
-    for dx, dy, wgt in (
-        (0, 0, (1 - fx) * (1 - fy)),
-        (1, 0, fx * (1 - fy)),
-        (0, 1, (1 - fx) * fy),
-        (1, 1, fx * fy),
-    ):
-        xi, yi = x0 + dx, y0 + dy
-        if clamp:
-            out += wgt * src[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
-        else:
-            ok = ((xi >= 0) & (xi < w) & (yi >= 0) & (yi < h))[..., None]
-            out += wgt * ok * src[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def resize_bilinear(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """cv2.resize(img, (out_w, out_h), INTER_LINEAR) geometry: half-pixel centres, edge clamping."""
-    h, w = img.shape[:2]
-    sx = (np.arange(out_w) + 0.5) * (w / out_w) - 0.5
-    sy = (np.arange(out_h) + 0.5) * (h / out_h) - 0.5
-    # cv2 clamps negative source coordinates to the first pixel (weight 1 on it).
-    gx, gy = np.meshgrid(np.maximum(sx, 0.0), np.maximum(sy, 0.0))
-    return _bilinear(img, gx, gy, clamp=True)
-
-
-def warp_affine_bilinear(img: np.ndarray, matrix: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """cv2.warpAffine(img, matrix, (out_w, out_h), INTER_LINEAR): ``matrix`` (2, 3) maps source -> output."""
-    full = np.vstack([np.asarray(matrix, np.float64), [0.0, 0.0, 1.0]])
-    inv = np.linalg.inv(full)[:2]
-    gx, gy = np.meshgrid(np.arange(out_w, dtype=np.float64), np.arange(out_h, dtype=np.float64))
-    sx = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
-    sy = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
-    return _bilinear(img, sx, sy, clamp=False)
-
-
-# --------------------------------------------------------------------------------------------------------
 # DWPose: YOLOX person detection
 # --------------------------------------------------------------------------------------------------------
 
@@ -130,7 +83,7 @@ def yolox_preprocess(img: np.ndarray, input_hw: tuple[int, int]) -> tuple[np.nda
     r = min(in_h / img.shape[0], in_w / img.shape[1])
     rh, rw = int(img.shape[0] * r), int(img.shape[1] * r)
     padded = np.full((in_h, in_w, 3), DET_PAD_VALUE, np.uint8)
-    padded[:rh, :rw] = resize_bilinear(img, rw, rh)
+    padded[:rh, :rw] = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
     # YOLOX takes raw 0..255 values, channel-first, no mean/std.
     return padded.transpose(2, 0, 1)[None].astype(np.float32), r
 
@@ -155,35 +108,19 @@ def yolox_decode(
     return out
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> list[int]:
-    """Greedy NMS (YOLOX demo convention: +1 in areas), indices in descending score order."""
-    x1, y1, x2, y2 = boxes.T
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size > 0:
-        i, rest = order[0], order[1:]
-        keep.append(int(i))
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        order = rest[inter / (areas[i] + areas[rest] - inter) <= iou_thr]
-    return keep
-
-
 def person_boxes(decoded: np.ndarray, ratio: float) -> np.ndarray:
     """Decoded YOLOX predictions -> person boxes (n, 4) xyxy in frame pixels, best score first.
 
     DWPose runs class-aware NMS over all classes and then keeps class 0 with score > 0.3; NMS never mixes
-    classes, so running it on class 0 alone gives the same boxes.
+    classes, so running it on class 0 alone gives the same boxes. Its NMS measures boxes YOLOX's way,
+    (x1 - x0 + 1) wide; OpenCV's takes x, y, w, h, so widths and heights go in with that +1.
     """
     cx, cy, w, h = decoded[:, :4].T
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) / ratio
     scores = decoded[:, 4] * decoded[:, 5]  # objectness * P(person)
-    valid = scores > DET_SCORE_NMS
-    boxes, scores = boxes[valid], scores[valid]
-    keep = [i for i in nms(boxes, scores, DET_NMS_IOU) if scores[i] > DET_SCORE_KEEP]
-    return boxes[keep].reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2] + 1], -1)
+    kept = np.asarray(cv2.dnn.NMSBoxes(xywh, scores, DET_SCORE_NMS, DET_NMS_IOU), np.int64).reshape(-1)
+    return boxes[kept[scores[kept] > DET_SCORE_KEEP]].reshape(-1, 4)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -203,18 +140,22 @@ VISIBLE = 0.3  # DWPose's visibility threshold (neck score, drawing)
 def pose_crop(box: np.ndarray, input_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Box xyxy -> (centre, scale (w, h) padded 1.25x and widened to the model aspect, 2x3 warp matrix).
 
-    The matrix equals DWPose's ``get_warp_matrix(center, scale, rot=0, output_size)``: a uniform scale
-    ``w_in / scale_w`` about the box centre, which lands on the input's centre.
+    The matrix maps the box onto the model input (a uniform scale ``w_in / scale_w`` taking the box centre
+    to the input's centre). As in DWPose it comes from ``cv2.getAffineTransform`` on three float32 point
+    pairs: the centres, the points half a width above them, and the points half a width left of those.
     """
     x0, y0, x1, y1 = np.asarray(box, np.float64)
     center = np.array([x0 + x1, y0 + y1]) * 0.5
     sw, sh = (x1 - x0) * BOX_PADDING, (y1 - y0) * BOX_PADDING
     aspect = input_wh[0] / input_wh[1]
     scale = np.array([sw, sw / aspect]) if sw > sh * aspect else np.array([sh * aspect, sh])
-    k = input_wh[0] / scale[0]
-    matrix = np.array(
-        [[k, 0.0, input_wh[0] * 0.5 - k * center[0]], [0.0, k, input_wh[1] * 0.5 - k * center[1]]]
-    )
+
+    def triangle(centre, half_width):
+        up = centre + [0.0, -half_width]
+        return np.float32([centre, up, up + [-half_width, 0.0]])
+
+    out_center = np.array([input_wh[0], input_wh[1]], np.float64) * 0.5
+    matrix = cv2.getAffineTransform(triangle(center, scale[0] * 0.5), triangle(out_center, input_wh[0] * 0.5))
     return center, scale, matrix
 
 
@@ -291,7 +232,8 @@ class DWPoseOnnx:
         all_kpts, all_scores = [], []
         for box in boxes:
             center, scale, matrix = pose_crop(box, (in_w, in_h))
-            crop = (warp_affine_bilinear(frame, matrix, in_w, in_h) - POSE_MEAN) / POSE_STD
+            crop = cv2.warpAffine(frame, matrix, (in_w, in_h), flags=cv2.INTER_LINEAR)
+            crop = (crop - POSE_MEAN) / POSE_STD
             simcc_x, simcc_y = self.pose_session.run(
                 None, {name: crop.transpose(2, 0, 1)[None].astype(np.float32)}
             )[:2]
@@ -300,21 +242,21 @@ class DWPoseOnnx:
             all_scores.append(scores)
         return to_openpose_order(np.stack(all_kpts), np.stack(all_scores))
 
-    def __call__(self, frame: np.ndarray):
+    def __call__(self, frame: np.ndarray) -> PoseFrame:
         keypoints, scores = self.estimate(frame)
         return wholebody_to_pose_frame(keypoints[0], scores[0])
 
 
-def wholebody_to_pose_frame(keypoints: np.ndarray, scores: np.ndarray):
-    """One person's 134-point DWPose layout -> ``PoseFrame`` (body 18, hands [left, right] x 21)."""
-    from xdyna_jax.conditioning.pose import PoseFrame  # lazy: pose.py is a sibling module, not needed above
-
+def wholebody_to_pose_frame(keypoints: np.ndarray, scores: np.ndarray) -> PoseFrame:
+    """One person's 134-point DWPose layout -> ``PoseFrame`` (body 18, hands [left, right] x 21, face 68)."""
     kp, sc = np.asarray(keypoints, np.float32), np.asarray(scores, np.float32)
     return PoseFrame(
         body=kp[:18],
         body_scores=sc[:18],
         hands=np.stack([kp[92:113], kp[113:134]]),
         hand_scores=np.stack([sc[92:113], sc[113:134]]),
+        face=kp[24:92],
+        face_scores=sc[24:92],
     )
 
 

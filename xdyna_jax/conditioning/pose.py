@@ -1,22 +1,22 @@
 """Pose skeletons: keypoint frames, OpenPose/DWPose readers, skeleton rendering, driving-pose alignment.
 
-X-Dyna's Pose ControlNet reads an OpenPose-18 body + hands skeleton drawn on black, without the head skeleton
-(eyes/ears dropped, nose-neck kept), as rendered by the DWPose ControlNet annotator
-(IDEA-Research/DWPose, ControlNet-v1-1-nightly/annotator/dwpose/util.py). ``draw_pose`` reproduces that
-drawing with PIL/NumPy only:
+X-Dyna's Pose ControlNet reads an OpenPose-18 body + hands skeleton drawn on black by the DWPose ControlNet
+annotator, without the head skeleton (eyes and ears dropped, nose and the neck-nose limb kept) and without
+face dots. ``draw_pose`` makes the same OpenCV calls in the same order, so its images equal the annotator's:
 
-- 17 limbs (the annotator lists 19 pairs but only draws the first 17; the ear-shoulder pairs never appear),
-  each a filled ellipse polygon (OpenCV ``ellipse2Poly`` rebuilt here, 1-degree steps) with semi-axes
-  (length/2, 4), drawn in full colour in order (later limbs cover earlier ones); then the whole limb layer
-  is multiplied by 0.6.
-- 18 joints on top, filled circles of radius 4 in the full joint colour (OpenCV's midpoint circle, exact).
-- Hands on top: 20 edges, 2-px lines coloured by an HSV hue ramp, then 21 keypoints as radius-4 dots of
-  colour (0, 0, 255). The annotator writes these tuples into an RGB canvas, so the dots are *blue* in the
-  images the ControlNet saw (X-Dyna's assets/poses/*.mp4 show blue dots); this module writes RGB alike.
+- Limbs: the first 17 of the annotator's 19 body pairs (it never draws the two ear-shoulder pairs). Each is
+  ``cv2.ellipse2Poly`` around the truncated midpoint, semi-axes (int(length / 2), 4), angle
+  int(degrees(atan2(dy, dx))), one-degree steps, filled by ``cv2.fillConvexPoly`` in the full limb colour;
+  later limbs cover earlier ones. Then the whole canvas is scaled by 0.6 (truncated to uint8).
+- Joints on top: ``cv2.circle`` radius 4, filled, in the full joint colour.
+- Hands on top: 20 edges as ``cv2.line`` of thickness 2, coloured along an HSV hue ramp, then 21 dots as
+  filled ``cv2.circle`` radius 4 in (0, 0, 255). The annotator writes these tuples into the canvas it
+  treats as RGB, so the dots are *blue* in the images the ControlNet saw (X-Dyna's example pose videos
+  show blue dots); this module writes RGB alike.
+- Face (``draw_face=True``): 68 filled white dots of radius 3, as the annotator draws DWPose's face points.
 
-Pixel differences to OpenCV are confined to polygon/line edges (both are non-anti-aliased rasterisers with
-slightly different edge rules). Coordinates: pixels (x right, y down), or normalised to [0, 1] when
-``PoseFrame.normalized`` (DWPose's convention; converted with ``x * W, y * H`` at drawing time).
+Coordinates: pixels (x right, y down), or fractions of width/height when ``PoseFrame.normalized`` (DWPose's
+convention; scaled by ``x * W, y * H`` before drawing).
 
 Alignment (``align_global``, ``align_limbs``): the X-Dyna release expects driving poses pre-aligned to the
 reference person but never published that code, so this is our own, documented, simple version.
@@ -32,8 +32,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw
 
 # ------------------------------------------------------------------------------------------------------
 # Skeleton tables (OpenPose COCO-18 order; hands in OpenPose/COCO-WholeBody 21-point order)
@@ -67,9 +67,10 @@ HAND_EDGES = (
     (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
 )  # fmt: skip
 HAND_POINT_COLOR = (0, 0, 255)  # the annotator's tuple, stored as-is in an RGB canvas: blue
+FACE_POINT_COLOR = (255, 255, 255)
 
 # Reference sizes in pixels (the annotator's constants, used at every resolution).
-STICK_WIDTH, JOINT_RADIUS, HAND_LINE_THICKNESS, HAND_POINT_RADIUS = 4, 4, 2, 4
+STICK_WIDTH, JOINT_RADIUS, HAND_LINE_THICKNESS, HAND_POINT_RADIUS, FACE_POINT_RADIUS = 4, 4, 2, 4, 3
 
 # BODY_25 -> COCO-18: drop MidHip (8) and the six foot points (19-24).
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -77,15 +78,19 @@ HANDS_ORDER = ("left", "right")  # PoseFrame.hands[0] is the left hand (DWPose a
 HAND_WRISTS = (L_WRIST, R_WRIST)
 
 
-def hand_edge_color(index: int) -> tuple[int, int, int]:
-    """Colour of hand edge ``index``: hsv_to_rgb([i / 20, 1, 1]) * 255, rounded like OpenCV's cvRound."""
-    rgb = colorsys.hsv_to_rgb(index / len(HAND_EDGES), 1.0, 1.0)  # same formula as matplotlib's
-    return tuple(int(v) for v in np.rint(np.array(rgb) * 255.0))  # rint = round half to even = cvRound
+def hand_edge_color(index: int) -> tuple[float, float, float]:
+    """Colour of hand edge ``index``: hsv_to_rgb(i / 20, 1, 1) * 255, unrounded (OpenCV rounds it)."""
+    return tuple(255.0 * v for v in colorsys.hsv_to_rgb(index / len(HAND_EDGES), 1.0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------------
 # PoseFrame
 # ------------------------------------------------------------------------------------------------------
+
+_FRAME_SHAPES = {
+    "body": (18, 2), "body_scores": (18,), "hands": (2, 21, 2), "hand_scores": (2, 21), "face": (68, 2),
+    "face_scores": (68,),
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -93,8 +98,9 @@ class PoseFrame:
     """One person's keypoints in one frame.
 
     body (18, 2) x/y in OpenPose COCO-18 order, body_scores (18,); hands (2, 21, 2) [left, right] and
-    hand_scores (2, 21). A missing point has NaN coordinates or score 0. ``normalized``: coordinates are
-    fractions of the image width/height instead of pixels. Hands default to all-missing.
+    hand_scores (2, 21); face (68, 2) and face_scores (68,) in the 68-landmark order DWPose uses. A
+    missing point has NaN coordinates or score 0. ``normalized``: coordinates are fractions of the image
+    width/height instead of pixels. Hands and face default to all-missing.
     """
 
     body: np.ndarray
@@ -102,19 +108,15 @@ class PoseFrame:
     hands: np.ndarray | None = None
     hand_scores: np.ndarray | None = None
     normalized: bool = False
+    face: np.ndarray | None = None
+    face_scores: np.ndarray | None = None
 
     def __post_init__(self):
-        if self.hands is None:
-            self.hands = np.full((2, 21, 2), np.nan)
-        if self.hand_scores is None:
-            self.hand_scores = np.zeros((2, 21))
-        for name, shape in (
-            ("body", (18, 2)),
-            ("body_scores", (18,)),
-            ("hands", (2, 21, 2)),
-            ("hand_scores", (2, 21)),
-        ):
-            value = np.array(getattr(self, name), dtype=np.float64)  # a copy: frames never share buffers
+        for name, shape in _FRAME_SHAPES.items():
+            value = getattr(self, name)
+            if value is None:  # hands or face not given: all missing
+                value = np.zeros(shape) if name.endswith("_scores") else np.full(shape, np.nan)
+            value = np.array(value, dtype=np.float64)  # a copy: frames never share buffers
             if value.shape != shape:
                 raise ValueError(f"PoseFrame.{name} must have shape {shape}, got {value.shape}")
             setattr(self, name, value)
@@ -130,22 +132,33 @@ class PoseFrame:
 
     def hands_visible(self, min_score: float = 0.3) -> np.ndarray:
         """(2, 21) bool: finite, score > 0 and >= min_score (DWPose drops hand points scoring < 0.3)."""
-        s = self.hand_scores
-        return np.isfinite(self.hands).all(-1) & (s >= min_score) & (s > 0)
+        return np.isfinite(self.hands).all(-1) & (self.hand_scores >= min_score) & (self.hand_scores > 0)
+
+    def face_visible(self, min_score: float = 0.3) -> np.ndarray:
+        """(68,) bool: the hands' rule (DWPose drops face points scoring < 0.3 alike)."""
+        return np.isfinite(self.face).all(-1) & (self.face_scores >= min_score) & (self.face_scores > 0)
+
+    def map_points(self, fn, *, normalized: bool | None = None) -> PoseFrame:
+        """Copy with ``fn`` applied to the (..., 2) coordinates of body, hands and face alike."""
+        return dataclasses.replace(
+            self,
+            body=fn(self.body),
+            hands=fn(self.hands),
+            face=fn(self.face),
+            normalized=self.normalized if normalized is None else normalized,
+        )
 
     def to_pixels(self, height: int, width: int) -> PoseFrame:
         """Pixel-coordinate copy (identity if already in pixels)."""
         if not self.normalized:
             return dataclasses.replace(self)
-        scale = np.array([width, height], np.float64)
-        return dataclasses.replace(self, body=self.body * scale, hands=self.hands * scale, normalized=False)
+        return self.map_points(lambda p: p * np.array([width, height], np.float64), normalized=False)
 
     def to_normalized(self, height: int, width: int) -> PoseFrame:
         """Normalised-coordinate copy (identity if already normalised)."""
         if self.normalized:
             return dataclasses.replace(self)
-        scale = np.array([width, height], np.float64)
-        return dataclasses.replace(self, body=self.body / scale, hands=self.hands / scale, normalized=True)
+        return self.map_points(lambda p: p / np.array([width, height], np.float64), normalized=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -167,8 +180,9 @@ def read_openpose_json(path, *, person: int = 0, normalized: bool = False) -> Po
     """One OpenPose JSON file -> PoseFrame of ``people[person]`` (empty frame when nobody is listed).
 
     ``pose_keypoints_2d`` may be COCO-18 (54 numbers) or BODY_25 (75, converted to COCO-18); hands come from
-    ``hand_left_keypoints_2d`` / ``hand_right_keypoints_2d`` (63 numbers each; absent or empty = missing).
-    Set ``normalized`` if OpenPose ran with ``--keypoint_scale`` 3 or 4 (coordinates in [0, 1]).
+    ``hand_left_keypoints_2d`` / ``hand_right_keypoints_2d`` (63 numbers each; absent or empty = missing),
+    the face from ``face_keypoints_2d`` (OpenPose's 70 points, of which the 68 landmarks before the two
+    pupils are kept; or 68). Set ``normalized`` if OpenPose ran with ``--keypoint_scale`` 3 or 4 (coordinates in [0, 1]).
     """
     path = Path(path)
     try:
@@ -202,7 +216,12 @@ def read_openpose_json(path, *, person: int = 0, normalized: bool = False) -> Po
         if len(flat):
             h = _triplets(flat, 21, f"{path}: hand_{side}_keypoints_2d")
             hands[i], hand_scores[i] = h[:, :2], h[:, 2]
-    return PoseFrame(body[:, :2], body[:, 2], hands, hand_scores, normalized)
+    flat = entry.get("face_keypoints_2d") or []
+    face = np.zeros((68, 3))
+    face[:, :2] = np.nan
+    if len(flat):
+        face = _triplets(flat, 70 if len(flat) == 210 else 68, f"{path}: face_keypoints_2d")[:68]
+    return PoseFrame(body[:, :2], body[:, 2], hands, hand_scores, normalized, face[:, :2], face[:, 2])
 
 
 def _frame_number(path: Path) -> int:
@@ -225,7 +244,7 @@ def read_openpose_folder(directory, *, person: int = 0, normalized: bool = False
 
 
 def write_openpose_json(frame: PoseFrame, path) -> None:
-    """Write one frame as OpenPose COCO-18 JSON (missing points as 0, 0, 0, like OpenPose)."""
+    """Write one frame as OpenPose COCO-18 JSON (missing points, and the face's two pupils, as 0, 0, 0)."""
 
     def flat(xy, scores, visible):
         rows = np.concatenate([xy, scores[:, None]], axis=1)
@@ -239,43 +258,57 @@ def write_openpose_json(frame: PoseFrame, path) -> None:
     hand_visible = frame.hands_visible(0.0)
     for i, side in enumerate(HANDS_ORDER):
         person[f"hand_{side}_keypoints_2d"] = flat(frame.hands[i], frame.hand_scores[i], hand_visible[i])
+    person["face_keypoints_2d"] = flat(frame.face, frame.face_scores, frame.face_visible(0.0)) + [0.0] * 6
     Path(path).write_text(json.dumps({"version": 1.3, "people": [person]}))
 
 
-def from_arrays(body, hands=None, *, normalized: bool = False) -> list[PoseFrame]:
-    """Stacked (x, y, score) arrays -> frames: body (T, 18, 3), hands (T, 2, 21, 3) [left, right] or None.
+def _stacked(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
+    """(x, y, score) array of ``shape`` + (3,), all points missing when ``value`` is None."""
+    if value is None:
+        value = np.zeros((*shape, 3))
+        value[..., :2] = np.nan
+    value = np.asarray(value, np.float64)
+    if value.shape != (*shape, 3):
+        raise ValueError(f"from_arrays: {name} must have shape {(*shape, 3)}, got {value.shape}")
+    return value
+
+
+def from_arrays(body, hands=None, face=None, *, normalized: bool = False) -> list[PoseFrame]:
+    """Stacked (x, y, score) arrays -> frames: body (T, 18, 3), hands (T, 2, 21, 3) [left, right] or None,
+    face (T, 68, 3) or None.
 
     For DWPose's 134-point whole-body output (``keypoints`` (T, 134, 2), ``scores`` (T, 134)) stack
-    x, y, score and pass ``body = kps[:, :18]``, ``hands = stack([kps[:, 92:113], kps[:, 113:134]], 1)``.
+    x, y, score and pass ``body = kps[:, :18]``, ``hands = stack([kps[:, 92:113], kps[:, 113:134]], 1)``,
+    ``face = kps[:, 24:92]``.
     """
     body = np.asarray(body, np.float64)
     if body.ndim != 3 or body.shape[1:] != (18, 3):
         raise ValueError(f"from_arrays: body must have shape (T, 18, 3), got {body.shape}")
-    if hands is None:
-        hands = np.zeros((body.shape[0], 2, 21, 3))
-        hands[..., :2] = np.nan
-    hands = np.asarray(hands, np.float64)
-    if hands.shape != (body.shape[0], 2, 21, 3):
-        raise ValueError(f"from_arrays: hands must have shape ({body.shape[0]}, 2, 21, 3), got {hands.shape}")
+    hands = _stacked("hands", hands, (len(body), 2, 21))
+    face = _stacked("face", face, (len(body), 68))
     return [
-        PoseFrame(b[:, :2], b[:, 2], h[..., :2], h[..., 2], normalized)
-        for b, h in zip(body, hands, strict=True)
+        PoseFrame(b[:, :2], b[:, 2], h[..., :2], h[..., 2], normalized, f[:, :2], f[:, 2])
+        for b, h, f in zip(body, hands, face, strict=True)
     ]
 
 
-def to_arrays(frames: Sequence[PoseFrame]) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of ``from_arrays``: body (T, 18, 3), hands (T, 2, 21, 3)."""
-    body = np.stack([np.concatenate([f.body, f.body_scores[:, None]], -1) for f in frames])
-    hands = np.stack([np.concatenate([f.hands, f.hand_scores[..., None]], -1) for f in frames])
-    return body, hands
+def to_arrays(frames: Sequence[PoseFrame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of ``from_arrays``: body (T, 18, 3), hands (T, 2, 21, 3), face (T, 68, 3)."""
+    stack = lambda xy, score: np.stack([np.concatenate([xy(f), score(f)[..., None]], -1) for f in frames])
+    return (
+        stack(lambda f: f.body, lambda f: f.body_scores),
+        stack(lambda f: f.hands, lambda f: f.hand_scores),
+        stack(lambda f: f.face, lambda f: f.face_scores),
+    )
 
 
-def from_dwpose(candidate, subset, hands=None, *, person: int = 0) -> PoseFrame:
+def from_dwpose(candidate, subset, hands=None, faces=None, *, person: int = 0) -> PoseFrame:
     """The DWPose annotator's pose dict pieces -> a normalised PoseFrame.
 
     ``candidate`` (K, >=2) normalised x, y; ``subset`` (N, >=18) candidate index per joint or -1 (missing);
     ``hands`` (2N, 21, 2) normalised with -1 for missing, stacked as [left of every person, right of every
-    person] (DWPose's ``vstack``). The annotator keeps no scores: visible points get score 1.
+    person] (DWPose's ``vstack``); ``faces`` (N, 68, 2) likewise. The annotator keeps no scores: visible
+    points get score 1.
     """
     candidate, subset = np.asarray(candidate, np.float64), np.asarray(subset, np.float64)
     if candidate.ndim != 2 or candidate.shape[1] < 2:
@@ -296,68 +329,24 @@ def from_dwpose(candidate, subset, hands=None, *, person: int = 0) -> PoseFrame:
         n = len(subset)
         if hands.shape != (2 * n, 21, 2):
             raise ValueError(f"from_dwpose: hands must have shape ({2 * n}, 21, 2), got {hands.shape}")
-        pair = hands[[person, n + person]]
-        ok = (pair >= 0).all(-1)  # DWPose marks missing hand points with -1
-        frame.hands = np.where(ok[..., None], pair, np.nan)
-        frame.hand_scores = ok.astype(np.float64)
+        frame.hands, frame.hand_scores = _dwpose_points(hands[[person, n + person]])
+    if faces is not None:
+        faces = np.asarray(faces, np.float64)
+        if faces.shape != (len(subset), 68, 2):
+            raise ValueError(f"from_dwpose: faces must have shape ({len(subset)}, 68, 2), got {faces.shape}")
+        frame.face, frame.face_scores = _dwpose_points(faces[person])
     return frame
+
+
+def _dwpose_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DWPose marks a missing hand or face point with -1: -> (NaN where missing, score 1 / 0)."""
+    ok = (points >= 0).all(-1)
+    return np.where(ok[..., None], points, np.nan), ok.astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Drawing
 # ------------------------------------------------------------------------------------------------------
-
-# OpenCV's SinTable: sin of whole degrees, written with 7 decimals as float literals.
-_SIN = np.round(np.sin(np.deg2rad(np.arange(451))), 7).astype(np.float32).astype(np.float64)
-
-
-def ellipse_polygon(center: tuple[int, int], axes: tuple[int, int], angle: int) -> list[tuple[int, int]]:
-    """OpenCV ``ellipse2Poly(center, axes, angle, 0, 360, delta=1)``: integer vertices, repeats dropped."""
-    angle %= 360  # OpenCV maps angle into [0, 360]; sin/cos are the same either way
-    cos_a, sin_a = _SIN[450 - angle], _SIN[angle]
-    t = np.arange(361)
-    x, y = axes[0] * _SIN[450 - t], axes[1] * _SIN[t]
-    px = np.rint(center[0] + x * cos_a - y * sin_a).astype(int)  # cvRound: round half to even
-    py = np.rint(center[1] + x * sin_a + y * cos_a).astype(int)
-    points: list[tuple[int, int]] = []
-    for p in zip(px.tolist(), py.tolist(), strict=True):
-        if not points or p != points[-1]:
-            points.append(p)
-    return points if len(points) > 1 else [tuple(center)] * 2
-
-
-def circle_pixels(cx: int, cy: int, radius: int) -> list[tuple[int, int]]:
-    """Pixels of OpenCV's filled non-AA circle (its midpoint algorithm, spans mirrored in 4 octant pairs)."""
-    pixels = []
-    err, dx, dy, plus, minus = 0, radius, 0, 1, 2 * radius - 1
-    while dx >= dy:
-        for y, half in ((cy - dy, dx), (cy + dy, dx), (cy - dx, dy), (cy + dx, dy)):
-            pixels.extend((x, y) for x in range(cx - half, cx + half + 1))
-        dy += 1
-        err += plus
-        plus += 2
-        if err > 0:
-            err -= minus
-            dx -= 1
-            minus -= 2
-    return pixels
-
-
-def _thick_line(draw: ImageDraw.ImageDraw, p0, p1, color, thickness: int) -> None:
-    """OpenCV ``line(thickness>1)``: a quad of half-width thickness/2 plus round caps of that radius."""
-    (x0, y0), (x1, y1) = p0, p1
-    length = math.hypot(x1 - x0, y1 - y0)
-    if thickness <= 1:
-        draw.line([p0, p1], fill=color, width=1)
-        return
-    if length > 0:
-        half = thickness / 2 + (thickness & 1) * 0.5
-        ox, oy = (y1 - y0) / length * half, (x0 - x1) / length * half
-        quad = [(x0 + ox, y0 + oy), (x0 - ox, y0 - oy), (x1 - ox, y1 - oy), (x1 + ox, y1 + oy)]
-        draw.polygon(quad, fill=color, outline=color)
-    cap = int(thickness / 2 + 0.5)
-    for x, y in (p0, p1):
-        draw.point(circle_pixels(x, y, cap), fill=color)
 
 
 def resolve_stick_scale(stick_scale, height: int, width: int) -> float:
@@ -377,17 +366,19 @@ def draw_pose(
     *,
     draw_head: bool = False,
     draw_hands: bool = True,
+    draw_face: bool = False,
     min_score: float = 0.3,
     stick_scale: float | str = 1.0,
 ) -> np.ndarray:
     """Render one frame's skeleton: uint8 RGB (height, width, 3) on black, as the DWPose annotator draws it.
 
-    ``draw_head=False`` (X-Dyna's ``--no_head_skeleton``) omits the eye/ear limbs and joints; nose and the
-    neck-nose limb stay. Body points need score > min_score, hand points score >= min_score (the annotator's
-    two tests) and, like the annotator's ``> eps`` test, integer pixel coordinates >= 1.
-    ``stick_scale`` multiplies every width (limb half-width 4, joint radius 4, hand line 2, hand dot 4; each
-    rounded, at least 1). The default 1.0 is the reference: DWPose uses these sizes at any resolution, and
-    X-Dyna's 896x512 pose videos were drawn so. ``"auto"`` scales by max(H, W) / 512 instead.
+    ``draw_head=False`` (X-Dyna's ``--no_head_skeleton``) omits the eye/ear limbs and joints; the nose and
+    the neck-nose limb stay. ``draw_face`` adds the face dots (off: X-Dyna's poses have none). Which points
+    count, as in the annotator: body points with score > min_score; hand and face points with
+    score >= min_score whose truncated pixel coordinates are both >= 1 (its ``> eps`` test).
+    ``stick_scale`` multiplies every size (limb half-width 4, joint radius 4, hand line 2, hand dot 4, face
+    dot 3; each rounded, at least 1). The default 1.0 is the reference: DWPose uses these sizes at any
+    resolution, and X-Dyna's 896x512 pose videos were drawn so. ``"auto"`` scales by max(H, W) / 512.
     """
     scale = resolve_stick_scale(stick_scale, height, width)
     size = lambda base: max(1, int(round(base * scale)))
@@ -396,39 +387,39 @@ def draw_pose(
     if not draw_head:
         visible[list(HEAD_JOINTS)] = False
 
-    image = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(image)
-    stick = size(STICK_WIDTH)
+    canvas = np.zeros((height, width, 3), np.uint8)
     for i, (a, b) in enumerate(LIMBS):
-        if not (visible[a] and visible[b]):
-            continue
-        # Same integer truncations as the annotator: centre, half-length and angle all go through int().
-        (xa, ya), (xb, yb) = body[a], body[b]
-        center = (int((xa + xb) / 2), int((ya + yb) / 2))
-        half_length = int(math.hypot(xa - xb, ya - yb) / 2)
-        angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
-        polygon = ellipse_polygon(center, (half_length, stick), angle)
-        draw.polygon(polygon, fill=COLORS[i], outline=COLORS[i])  # outline: OpenCV fills its edges too
-
-    # The annotator dims the whole limb layer at once ((canvas * 0.6).astype(uint8)), then draws joints.
-    image = Image.fromarray((np.asarray(image) * LIMB_ALPHA).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
+        if visible[a] and visible[b]:
+            # The annotator truncates the centre, the half-length and the angle with int().
+            (xa, ya), (xb, yb) = body[a], body[b]
+            center = (int((xa + xb) / 2), int((ya + yb) / 2))
+            axes = (int(math.hypot(xa - xb, ya - yb) / 2), size(STICK_WIDTH))
+            angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
+            cv2.fillConvexPoly(canvas, cv2.ellipse2Poly(center, axes, angle, 0, 360, 1), COLORS[i])
+    # The limbs are dimmed as one layer before the joints go on top.
+    canvas = (canvas * LIMB_ALPHA).astype(np.uint8)
     for i in np.flatnonzero(visible):
-        x, y = body[i]
-        draw.point(circle_pixels(int(x), int(y), size(JOINT_RADIUS)), fill=COLORS[i])
+        cv2.circle(canvas, (int(body[i, 0]), int(body[i, 1])), size(JOINT_RADIUS), COLORS[i], thickness=-1)
 
     if draw_hands:
-        hand_ok = frame.hands_visible(min_score)
-        for hand, ok in zip(frame.hands, hand_ok, strict=True):
-            ints = [(int(x), int(y)) if k else (0, 0) for (x, y), k in zip(hand, ok, strict=True)]
-            points = [p if p[0] >= 1 and p[1] >= 1 else None for p in ints]  # int coords > eps, as DWPose
+        for hand, ok in zip(frame.hands, frame.hands_visible(min_score), strict=True):
+            points = _drawable(hand, ok)
             for e, (a, b) in enumerate(HAND_EDGES):
-                if points[a] is not None and points[b] is not None:
-                    _thick_line(draw, points[a], points[b], hand_edge_color(e), size(HAND_LINE_THICKNESS))
-            for p in points:
-                if p is not None:
-                    draw.point(circle_pixels(*p, size(HAND_POINT_RADIUS)), fill=HAND_POINT_COLOR)
-    return np.asarray(image, dtype=np.uint8).copy()
+                if points[a] and points[b]:
+                    thickness = size(HAND_LINE_THICKNESS)
+                    cv2.line(canvas, points[a], points[b], hand_edge_color(e), thickness=thickness)
+            for p in filter(None, points):
+                cv2.circle(canvas, p, size(HAND_POINT_RADIUS), HAND_POINT_COLOR, thickness=-1)
+    if draw_face:
+        for p in filter(None, _drawable(frame.face, frame.face_visible(min_score))):
+            cv2.circle(canvas, p, size(FACE_POINT_RADIUS), FACE_POINT_COLOR, thickness=-1)
+    return canvas
+
+
+def _drawable(points: np.ndarray, visible: np.ndarray) -> list[tuple[int, int] | None]:
+    """Truncated pixel positions of visible hand/face points, None where the annotator skips one."""
+    truncated = [(int(x), int(y)) if ok else (0, 0) for (x, y), ok in zip(points, visible, strict=True)]
+    return [p if min(p) >= 1 else None for p in truncated]
 
 
 def draw_poses(frames: Sequence[PoseFrame], height: int, width: int, **kwargs) -> np.ndarray:
@@ -535,7 +526,8 @@ def align_global(
 
     s = summed body-bone lengths of the reference / of the anchor driving frame (bones visible in both);
     t puts the anchor's neck on the reference's neck and its feet line on the reference's (see
-    ``_anchor_offset``). Motion relative to the anchor frame is kept, scaled by s. Hands move with the body.
+    ``_anchor_offset``). Motion relative to the anchor frame is kept, scaled by s. Hands and face move
+    with the body.
     All poses must be in pixel coordinates of the output canvas.
     """
     anchor = _anchor(driving, anchor_frame)
@@ -547,7 +539,7 @@ def align_global(
         )
     scaled = dataclasses.replace(anchor, body=anchor.body * s)
     t = _anchor_offset(scaled, reference, min_score, match_feet)
-    return [dataclasses.replace(f, body=f.body * s + t, hands=f.hands * s + t) for f in driving]
+    return [f.map_points(lambda p: p * s + t) for f in driving]
 
 
 def _rescale_bones(frame: PoseFrame, ratios: dict[str, float], min_score: float) -> PoseFrame:
@@ -556,7 +548,8 @@ def _rescale_bones(frame: PoseFrame, ratios: dict[str, float], min_score: float)
     The neck itself goes to base * neck, so the body's path across the frame scales like the torso. A joint
     whose parent is not visible hangs from its nearest visible ancestor (that vector scaled by ``base``),
     or, with no visible ancestor, is scaled about the origin like the neck. Hands hang from their wrists,
-    scaled by the lower-arm ratio. Missing points stay missing.
+    scaled by the lower-arm ratio, the face from the nose, scaled by the head ratio (each scaled like the
+    neck when that joint is missing). Missing points stay missing.
     """
     base = ratios["base"]
     xy, visible = frame.body, frame.body_visible(min_score)
@@ -571,7 +564,8 @@ def _rescale_bones(frame: PoseFrame, ratios: dict[str, float], min_score: float)
     for i, wrist in enumerate(HAND_WRISTS):
         if visible[wrist]:
             hands[i] = out[wrist] + ratios["lower_arm"] * (frame.hands[i] - xy[wrist])
-    return dataclasses.replace(frame, body=out, hands=hands)
+    face = out[NOSE] + ratios["head"] * (frame.face - xy[NOSE]) if visible[NOSE] else frame.face * base
+    return dataclasses.replace(frame, body=out, hands=hands, face=face)
 
 
 def align_limbs(
@@ -595,7 +589,7 @@ def align_limbs(
     ratios = limb_ratios(anchor, reference, min_score=min_score)
     rescaled = [_rescale_bones(f, ratios, min_score) for f in driving]
     t = _anchor_offset(rescaled[anchor_frame], reference, min_score, match_feet)
-    return [dataclasses.replace(f, body=f.body + t, hands=f.hands + t) for f in rescaled]
+    return [f.map_points(lambda p: p + t) for f in rescaled]
 
 
 def align_poses(

@@ -12,65 +12,31 @@ X-Dyna uses two of these per frame: a pose ControlNet (3-channel condition) and 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdyna_jax.models.config_utils import (
-    ConfigMixin,
-    heads_per_block,
-    require_default,
-)
-from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, block_has_cross_attention, check_block_types
+from xdyna_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
 from xdyna_jax.nn.compute import Compute
-from xdyna_jax.nn.embeddings import TimestepEmbedding, timestep_features
 from xdyna_jax.nn.layers import conv
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig(ConfigMixin):
-    """Architecture fields carry diffusers' config names; defaults are SD 1.5's (control_v11p_sd15_*).
+class ControlNetConfig(UNetEncoderConfig):
+    """Architecture fields carry diffusers' config names; defaults are SD 1.5's (control_v11p_sd15_*)."""
 
-    Also provides the fields DownBlock / MidBlock read off their `cfg` (cross_attention_dim, norm_num_groups,
-    norm_eps, use_linear_projection, downsample_padding, mid_block_scale_factor, time_embed_dim).
-    """
+    DIFFUSERS_CLASS: ClassVar[str] = "ControlNetModel"
 
-    in_channels: int = 4
     conditioning_channels: int = 3
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    layers_per_block: int = 2
-    # diffusers' legacy name: for SD 1.x this is the number of heads (head_dim = channels / heads).
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
-    transformer_layers_per_block: int = 1
-    cross_attention_dim: int = 768
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    use_linear_projection: bool = False
     # Kept so a diffusers config round-trips; only the values SD 1.x ControlNets use are implemented.
     controlnet_conditioning_channel_order: str = "rgb"
     global_pool_conditions: bool = False
-    compute: Compute = Compute()
 
     def __post_init__(self):
-        check_block_types(self.down_block_types, ())
-        if len(self.down_block_types) != len(self.block_out_channels):
-            raise ValueError(
-                f"ControlNetConfig: {len(self.block_out_channels)} block_out_channels but "
-                f"{len(self.down_block_types)} down block types"
-            )
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"ControlNetConfig: norm_num_groups={self.norm_num_groups} does not divide {c}"
-                )
+        super().__post_init__()
         if not self.conditioning_embedding_out_channels:
             raise ValueError("ControlNetConfig: conditioning_embedding_out_channels must not be empty")
         if self.controlnet_conditioning_channel_order != "rgb":
@@ -82,18 +48,9 @@ class ControlNetConfig(ConfigMixin):
             raise ValueError("ControlNetConfig: global_pool_conditions=True is not supported")
 
     @property
-    def time_embed_dim(self) -> int:
-        return self.block_out_channels[0] * 4
-
-    @property
     def cond_downscale(self) -> int:
         """Condition image size / latent size: each embedding stage after the first halves the size."""
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
-
-    def heads(self) -> tuple[int, ...]:
-        return heads_per_block(
-            self.num_attention_heads, self.attention_head_dim, len(self.block_out_channels)
-        )
 
     @classmethod
     def from_diffusers(cls, cfg: dict, compute: Compute | None = None) -> ControlNetConfig:
@@ -102,34 +59,7 @@ class ControlNetConfig(ConfigMixin):
         name = cfg.get("_class_name", "ControlNetModel")
         if name != "ControlNetModel":
             raise ValueError(f"{what}: _class_name is {name!r}, expected 'ControlNetModel'")
-        require_default(cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn",), what)
-        require_default(cfg, "resnet_time_scale_shift", ("default",), what)
-        require_default(cfg, "class_embed_type", (None,), what)
-        require_default(cfg, "num_class_embeds", (None,), what)
-        require_default(cfg, "addition_embed_type", (None,), what)
-        require_default(cfg, "encoder_hid_dim", (None,), what)
-        require_default(cfg, "encoder_hid_dim_type", (None,), what)
-        require_default(cfg, "only_cross_attention", (False,), what)
-        require_default(cfg, "act_fn", ("silu",), what)
-        require_default(cfg, "controlnet_conditioning_channel_order", ("rgb",), what)
-        require_default(cfg, "global_pool_conditions", (False,), what)
-        per_block = {}
-        for key in ("layers_per_block", "transformer_layers_per_block"):
-            value = cfg.get(key)
-            if isinstance(value, list | tuple):  # diffusers allows per-block lists; we need one value
-                if len(set(value)) != 1:
-                    raise ValueError(f"{what}: per-block {key}={value} is not supported")
-                per_block[key] = value[0]
-        return cls.from_foreign(cfg, compute, drop_none=False, **per_block)
-
-    def to_diffusers(self) -> dict:
-        d = self.foreign_dict()
-        return {
-            "_class_name": "ControlNetModel",
-            **d,
-            "act_fn": "silu",
-            "mid_block_type": "UNetMidBlock2DCrossAttn",
-        }
+        return cls.read_diffusers(cfg, compute, what)
 
 
 class ControlNetConditioningEmbedding(nnx.Module):
@@ -157,7 +87,7 @@ def _zero_(layer: nnx.Conv) -> None:
     layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
 
 
-class ControlNetModel(nnx.Module):
+class ControlNetModel(UNetEncoder):
     """sample (B, H, W, C_in), timesteps (B,) or scalar, context (B, L, D), cond (B, s*H, s*W, C_cond)
     -> (down_residuals: one per UNet skip connection, mid_residual), with s = config.cond_downscale (8 for SD).
 
@@ -167,59 +97,24 @@ class ControlNetModel(nnx.Module):
     """
 
     def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        cfg, compute = config, config.compute
-        ch = cfg.block_out_channels
-        heads = cfg.heads()
-        self.conv_in = conv(cfg.in_channels, ch[0], 3, compute, rngs)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, compute, rngs)
+        super().__init__(config, rngs=rngs)
+        ch, compute = config.block_out_channels, config.compute
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
-            cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, ch[0], compute, rngs
+            config.conditioning_channels, config.conditioning_embedding_out_channels, ch[0], compute, rngs
         )
-        down = []
-        zero_convs = [conv(ch[0], ch[0], 1, compute, rngs)]  # for conv_in's output, the first skip
-        for i, block_type in enumerate(cfg.down_block_types):
-            add_down = i < len(ch) - 1
-            down.append(
-                DownBlock(
-                    ch[i - 1] if i else ch[0],
-                    ch[i],
-                    cross_attn=block_has_cross_attention(block_type),
-                    layers=cfg.layers_per_block,
-                    heads=heads[i],
-                    transformer_layers=cfg.transformer_layers_per_block,
-                    add_down=add_down,
-                    cfg=cfg,
-                    compute=compute,
-                    rngs=rngs,
-                )
-            )
-            # one per skip the block emits: each layer's output, plus the downsampler's
-            n_skips = cfg.layers_per_block + int(add_down)
-            zero_convs += [conv(ch[i], ch[i], 1, compute, rngs) for _ in range(n_skips)]
-        self.down_blocks = nnx.List(down)
-        self.controlnet_down_blocks = nnx.List(zero_convs)
-        self.mid_block = MidBlock(
-            ch[-1],
-            heads=heads[-1],
-            transformer_layers=cfg.transformer_layers_per_block,
-            cfg=cfg,
-            compute=compute,
-            rngs=rngs,
-        )
+        # One per skip the encoder emits: conv_in's output, each down-block layer's, each downsampler's.
+        skip_channels = [ch[0]] + [
+            c for i, c in enumerate(ch) for _ in range(config.layers_per_block + int(i < len(ch) - 1))
+        ]
+        self.controlnet_down_blocks = nnx.List([conv(c, c, 1, compute, rngs) for c in skip_channels])
         self.controlnet_mid_block = conv(ch[-1], ch[-1], 1, compute, rngs)
-        for layer in (*zero_convs, self.controlnet_mid_block, self.controlnet_cond_embedding.conv_out):
-            _zero_(layer)
-
-    def time_embed(self, timesteps: jax.Array, batch: int) -> jax.Array:
-        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
-        feats = timestep_features(
-            t,
-            self.config.block_out_channels[0],
-            flip_sin_to_cos=self.config.flip_sin_to_cos,
-            freq_shift=self.config.freq_shift,
+        zeroed = (
+            *self.controlnet_down_blocks,
+            self.controlnet_mid_block,
+            self.controlnet_cond_embedding.conv_out,
         )
-        return self.time_embedding(feats.astype(self.config.compute.jnp_dtype))
+        for layer in zeroed:
+            _zero_(layer)
 
     def _check_inputs(self, sample: jax.Array, context: jax.Array, cond: jax.Array) -> None:
         cfg = self.config
@@ -253,15 +148,9 @@ class ControlNetModel(nnx.Module):
         self._check_inputs(sample, encoder_hidden_states, cond)
         dtype = self.config.compute.jnp_dtype
         x = sample.astype(dtype)
-        context = encoder_hidden_states.astype(dtype)
         temb = self.time_embed(timesteps, x.shape[0])
-
-        x = self.conv_in(x) + self.controlnet_cond_embedding(cond.astype(dtype))
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
-            skips.extend(block_skips)
-        x = self.mid_block(x, temb, context)
+        cond_embedding = self.controlnet_cond_embedding(cond.astype(dtype))
+        x, skips = self.encode(x, temb, encoder_hidden_states.astype(dtype), input_residual=cond_embedding)
 
         scale = jnp.asarray(conditioning_scale, dtype)
         down = [zc(s) * scale for zc, s in zip(self.controlnet_down_blocks, skips, strict=True)]

@@ -1,35 +1,16 @@
 """X-Dyna's denoiser: one UNet call on a window (reference frame 0 + N driven frames) with the pose and
-S-Face ControlNets, and the loader of a converted X-Dyna bundle (a folder of bundles).
+S-Face ControlNets.
 
-ControlNets (per frame, frames 1..N only, text tokens only) -> residuals of pose + face summed, a zero
-residual prepended for the reference frame -> added to the UNet skips (xdyna_official_code.md section b).
+Each ControlNet runs per driven frame (frames 1..N) on the text tokens only; the pose and face residuals are
+summed, a zero residual is prepended for the reference frame, and the result is added to the UNet's skips,
+as the release does. Loading a converted bundle lives in `xdyna_jax.sampling.bundles`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from xdyna_jax.bundle import BundleError, load
-from xdyna_jax.models.clip_tokenizer import CLIPTokenizer
-from xdyna_jax.nn.compute import Compute
-from xdyna_jax.schedulers import DDIMConfig
-
-# The release's sampler (xdyna_official_code.md section i): linear betas, steps_offset 1, no clipping;
-# set_alpha_to_one keeps diffusers' default (True), as the release never overrides it.
-XDYNA_SCHEDULER = DDIMConfig(
-    beta_schedule="linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    steps_offset=1,
-    clip_sample=False,
-    set_alpha_to_one=True,
-)
 
 
 class XDynaDenoiser(nnx.Module):
@@ -41,7 +22,7 @@ class XDynaDenoiser(nnx.Module):
         self.face_controlnet = face_controlnet
 
     def control_residuals(self, latents, timesteps, text, pose, face, pose_scale, face_scale):
-        """Summed residuals of the ControlNets present, per clip frame (B, F, ...), zero on frame 0."""
+        """Summed residuals of the ControlNets present, per window frame (B, F, ...), zero on frame 0."""
         b, f = latents.shape[:2]
         n = f - 1
         sample = latents[:, 1:].reshape(b * n, *latents.shape[2:])
@@ -91,57 +72,3 @@ class XDynaDenoiser(nnx.Module):
         text = context[:, : context.shape[1] - ip_tokens] if ip_tokens else context
         down, mid = self.control_residuals(latents, timesteps, text, pose, face, pose_scale, face_scale)
         return self.unet(latents, timesteps, context, down, mid, ip_scale=ip_scale)
-
-
-@dataclasses.dataclass
-class XDyna:
-    """Every part of a converted X-Dyna bundle (`python -m convert xdyna`); absent optional parts are None."""
-
-    denoiser: XDynaDenoiser
-    vae: nnx.Module
-    text_encoder: nnx.Module
-    tokenizer: CLIPTokenizer | None
-    image_encoder: nnx.Module | None
-    resampler: nnx.Module | None
-    scheduler: DDIMConfig
-    manifest: dict
-
-    def image_tokens(self, pixel_values: jax.Array) -> jax.Array:
-        """IP-Adapter-plus tokens: Resampler(CLIP vision penultimate hidden states) of CLIP-preprocessed images."""
-        if self.image_encoder is None or self.resampler is None:
-            raise ValueError("this X-Dyna bundle has no image_encoder/resampler (IP-Adapter) parts")
-        return self.resampler(self.image_encoder(pixel_values).hidden_states[-2])
-
-
-def load_xdyna(path: str | Path, *, compute: Compute | None = None) -> XDyna:
-    """Load the folder written by `python -m convert xdyna` (compute overrides every model's settings)."""
-    path = Path(path)
-    if not (path / "manifest.json").is_file():
-        raise BundleError(f"{path} is not an X-Dyna bundle: {path / 'manifest.json'} is missing")
-
-    def part(name, kind, required=True):
-        if not (path / name).is_dir():
-            if required:
-                raise BundleError(f"{path} is missing its {name}/ bundle")
-            return None
-        return load(path / name, compute=compute, expected_kind=kind)
-
-    denoiser = XDynaDenoiser(
-        part("unet", "video_unet"),
-        part("controlnet_pose", "controlnet", False),
-        part("controlnet_face", "controlnet", False),
-    )
-    tokenizer = CLIPTokenizer.from_folder(path / "tokenizer") if (path / "tokenizer").is_dir() else None
-    scheduler = DDIMConfig.from_diffusers(
-        json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    )
-    return XDyna(
-        denoiser=denoiser,
-        vae=part("vae", "vae"),
-        text_encoder=part("text_encoder", "clip_text"),
-        tokenizer=tokenizer,
-        image_encoder=part("image_encoder", "clip_vision", False),
-        resampler=part("resampler", "resampler", False),
-        scheduler=scheduler,
-        manifest=json.loads((path / "manifest.json").read_text()),
-    )

@@ -1,4 +1,8 @@
-"""Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+"""Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`).
+
+Every class here is called as `attn(x, context=None, *, frames=1, ip_scale=1.0)`, so a transformer block
+calls whichever its config picked the same way; each reads only the arguments its equation needs.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +55,10 @@ class Attention(nnx.Module):
         )
         return out.reshape(*out.shape[:-2], -1)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, *, frames=1, ip_scale=1.0
+    ) -> jax.Array:
+        """Self-attention when `context` is None; `frames` and `ip_scale` are for the subclasses."""
         ctx = x if context is None else context
         out = self.attend(self.to_q(x), self.to_k(ctx), self.to_v(ctx))
         return self.to_out[0](out)
@@ -75,7 +82,12 @@ class AdapterSelfAttention(Attention):
         self.to_out_ff = linear(inner, query_dim, compute, rngs)
         self.to_out_ff.kernel.set_value(jax.numpy.zeros_like(self.to_out_ff.kernel.get_value()))
 
-    def __call__(self, x: jax.Array, frames: int = 1) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, *, frames=1, ip_scale=1.0
+    ) -> jax.Array:
+        """x: (B*F, N, C), the frames of each clip consecutive."""
+        if context is not None:
+            raise ValueError("the Dynamics-Adapter is self-attention (attn1): it takes no context")
         bf, n, _ = x.shape
         k, v = self.to_k(x), self.to_v(x)
         out = self.to_out[0](self.attend(self.to_q(x), k, v))
@@ -119,11 +131,13 @@ class IPCrossAttention(Attention):
         self.to_k_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
         self.to_v_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
 
-    def __call__(self, x: jax.Array, context: jax.Array, ip_scale: float = 1.0) -> jax.Array:
-        if context.shape[1] <= self.ip_tokens:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, *, frames=1, ip_scale=1.0
+    ) -> jax.Array:
+        if context is None or context.shape[1] <= self.ip_tokens:
             raise ValueError(
                 f"IP-Adapter attention expects [text ; {self.ip_tokens} image tokens], got a context of "
-                f"{context.shape[1]} tokens"
+                f"{0 if context is None else context.shape[1]} tokens"
             )
         text, image = context[:, : -self.ip_tokens], context[:, -self.ip_tokens :]
         q = self.to_q(x)

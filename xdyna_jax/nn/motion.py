@@ -18,6 +18,7 @@ GroupNorm's extent: per frame here by default (the original), across the frames 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -53,6 +54,21 @@ def sinusoidal_table(length: int, channels: int) -> np.ndarray:
     return table
 
 
+@dataclasses.dataclass(frozen=True)
+class MotionSpec:
+    """Settings every motion module of a UNet shares (the defaults are AnimateDiff v1's).
+
+    groupnorm_across_frames: False = the original, GroupNorm statistics per frame; True = statistics over all
+    frames of a clip, as diffusers' AnimateDiffTransformer3D computes them.
+    """
+
+    heads: int = 8
+    max_len: int = 24
+    norm_groups: int = 32
+    num_layers: int = 1
+    groupnorm_across_frames: bool = False
+
+
 class TemporalTransformerBlock(nnx.Module):
     """Two temporal self-attentions (each with its LayerNorm and the position table) and a GEGLU FF."""
 
@@ -76,23 +92,15 @@ class TemporalTransformerBlock(nnx.Module):
 class TemporalTransformer3DModel(nnx.Module):
     """GroupNorm -> proj_in -> temporal blocks on (B*H*W, F, C) -> proj_out, plus the input residual."""
 
-    def __init__(
-        self,
-        channels: int,
-        *,
-        heads: int,
-        max_len: int,
-        norm_groups: int,
-        num_layers: int,
-        groupnorm_across_frames: bool,
-        compute: Compute,
-        rngs: nnx.Rngs,
-    ):
-        self.groupnorm_across_frames = groupnorm_across_frames
-        self.norm = GroupNorm(channels, norm_groups, 1e-6)
+    def __init__(self, channels: int, spec: MotionSpec, compute: Compute, rngs: nnx.Rngs):
+        self.groupnorm_across_frames = spec.groupnorm_across_frames
+        self.norm = GroupNorm(channels, spec.norm_groups, 1e-6)
         self.proj_in = linear(channels, channels, compute, rngs)
         self.transformer_blocks = nnx.List(
-            [TemporalTransformerBlock(channels, heads, max_len, compute, rngs) for _ in range(num_layers)]
+            [
+                TemporalTransformerBlock(channels, spec.heads, spec.max_len, compute, rngs)
+                for _ in range(spec.num_layers)
+            ]
         )
         self.proj_out = linear(channels, channels, compute, rngs)
 
@@ -116,37 +124,13 @@ class TemporalTransformer3DModel(nnx.Module):
 
 
 class VanillaTemporalModule(nnx.Module):
-    """AnimateDiff's motion module: `temporal_transformer` (the only child) with a zero-initialised proj_out.
+    """AnimateDiff's motion module: `temporal_transformer` (the only child) with a zero-initialised proj_out."""
 
-    groupnorm_across_frames: False (default) = the original, GroupNorm statistics per frame; True = statistics
-    over all frames of a clip, as diffusers' AnimateDiffTransformer3D computes them.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        *,
-        heads: int = 8,
-        max_len: int = 24,
-        norm_groups: int = 32,
-        num_layers: int = 1,
-        groupnorm_across_frames: bool = False,
-        compute: Compute,
-        rngs: nnx.Rngs,
-    ):
-        if channels % heads:
-            raise ValueError(f"motion module: {heads} heads do not divide {channels} channels")
-        self.max_len = max_len
-        self.temporal_transformer = TemporalTransformer3DModel(
-            channels,
-            heads=heads,
-            max_len=max_len,
-            norm_groups=norm_groups,
-            num_layers=num_layers,
-            groupnorm_across_frames=groupnorm_across_frames,
-            compute=compute,
-            rngs=rngs,
-        )
+    def __init__(self, channels: int, spec: MotionSpec, *, compute: Compute, rngs: nnx.Rngs):
+        if channels % spec.heads:
+            raise ValueError(f"motion module: {spec.heads} heads do not divide {channels} channels")
+        self.max_len = spec.max_len
+        self.temporal_transformer = TemporalTransformer3DModel(channels, spec, compute, rngs)
         # Zero proj_out makes a freshly inserted module the identity, so training starts from the image model.
         proj_out = self.temporal_transformer.proj_out
         proj_out.kernel.set_value(jnp.zeros_like(proj_out.kernel.get_value()))

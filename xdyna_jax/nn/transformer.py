@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
@@ -40,46 +42,39 @@ class FeedForward(nnx.Module):
         return x
 
 
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+    """Settings every spatial transformer of a UNet shares (the heads differ per block)."""
+
+    cross_attention_dim: int
+    norm_groups: int
+    use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2.x style) instead of 1x1 convs
+    num_layers: int = 1
+    dynamics_adapter: bool = False  # attn1 is X-Dyna's AdapterSelfAttention (needs `frames`, 0 = reference)
+    ip_tokens: int = 0  # > 0: attn2 is IP-Adapter cross-attention over the last `ip_tokens` context tokens
+
+
 class BasicTransformerBlock(nnx.Module):
-    """x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+    """x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x))."""
 
-    dynamics_adapter: attn1 is X-Dyna's AdapterSelfAttention (needs `frames`, frame 0 = reference).
-    ip_tokens > 0: attn2 is IP-Adapter cross-attention over the last `ip_tokens` context tokens.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        cross_attention_dim: int,
-        compute: Compute,
-        rngs: nnx.Rngs,
-        *,
-        dynamics_adapter: bool = False,
-        ip_tokens: int = 0,
-    ):
-        dim_head = dim // heads
+    def __init__(self, dim: int, heads: int, spec: TransformerSpec, compute: Compute, rngs: nnx.Rngs):
+        common = dict(heads=heads, dim_head=dim // heads, compute=compute, rngs=rngs)
         self.norm1 = LayerNorm(dim)
-        self_attn = AdapterSelfAttention if dynamics_adapter else Attention
-        self.attn1 = self_attn(dim, heads=heads, dim_head=dim_head, compute=compute, rngs=rngs)
+        self.attn1 = (AdapterSelfAttention if spec.dynamics_adapter else Attention)(dim, **common)
         self.norm2 = LayerNorm(dim)
-        cross = dict(heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim, compute=compute)
-        if ip_tokens:
-            self.attn2 = IPCrossAttention(dim, ip_tokens=ip_tokens, rngs=rngs, **cross)
+        cross = spec.cross_attention_dim
+        if spec.ip_tokens:
+            self.attn2 = IPCrossAttention(dim, cross_attention_dim=cross, ip_tokens=spec.ip_tokens, **common)
         else:
-            self.attn2 = Attention(dim, rngs=rngs, **cross)
+            self.attn2 = Attention(dim, cross_attention_dim=cross, **common)
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, compute, rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array, frames: int = 1, ip_scale: float = 1.0) -> jax.Array:
-        h = self.norm1(x)
-        x = x + (self.attn1(h, frames) if isinstance(self.attn1, AdapterSelfAttention) else self.attn1(h))
-        h = self.norm2(x)
-        x = x + (
-            self.attn2(h, context, ip_scale)
-            if isinstance(self.attn2, IPCrossAttention)
-            else self.attn2(h, context)
-        )
+    def __call__(
+        self, x: jax.Array, context: jax.Array, *, frames: int = 1, ip_scale: float = 1.0
+    ) -> jax.Array:
+        x = x + self.attn1(self.norm1(x), frames=frames, ip_scale=ip_scale)
+        x = x + self.attn2(self.norm2(x), context, frames=frames, ip_scale=ip_scale)
         return x + self.ff(self.norm3(x))
 
 
@@ -89,51 +84,28 @@ class Transformer2DModel(nnx.Module):
     proj_in/proj_out are 1x1 convs (SD 1.x) or Linear layers (`use_linear_projection`, SD 2.x style).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        *,
-        heads: int,
-        cross_attention_dim: int,
-        groups: int,
-        use_linear_projection: bool,
-        num_layers: int = 1,
-        dynamics_adapter: bool = False,
-        ip_tokens: int = 0,
-        compute: Compute,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, channels: int, heads: int, spec: TransformerSpec, compute: Compute, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"{heads} attention heads do not divide {channels} channels")
-        self.use_linear_projection = use_linear_projection
-        self.norm = GroupNorm(channels, groups, 1e-6)
+        self.norm = GroupNorm(channels, spec.norm_groups, 1e-6)
         make_proj = (
             (lambda: linear(channels, channels, compute, rngs))
-            if use_linear_projection
+            if spec.use_linear_projection
             else (lambda: conv(channels, channels, 1, compute, rngs))
         )
         self.proj_in = make_proj()
         self.transformer_blocks = nnx.List(
-            [
-                BasicTransformerBlock(
-                    channels,
-                    heads,
-                    cross_attention_dim,
-                    compute,
-                    rngs,
-                    dynamics_adapter=dynamics_adapter,
-                    ip_tokens=ip_tokens,
-                )
-                for _ in range(num_layers)
-            ]
+            [BasicTransformerBlock(channels, heads, spec, compute, rngs) for _ in range(spec.num_layers)]
         )
         self.proj_out = make_proj()
 
-    def __call__(self, x: jax.Array, context: jax.Array, frames: int = 1, ip_scale: float = 1.0) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array, *, frames: int = 1, ip_scale: float = 1.0
+    ) -> jax.Array:
         b, h, w, c = x.shape
         # A 1x1 conv on NHWC and a Linear on the flattened tokens are the same op: both leave the
         # layout alone, so the only difference is which parameter shape the checkpoint carries.
         hidden = self.proj_in(self.norm(x)).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context, frames, ip_scale)
+            hidden = block(hidden, context, frames=frames, ip_scale=ip_scale)
         return self.proj_out(hidden.reshape(b, h, w, c)) + x
