@@ -112,7 +112,8 @@ def _refuse_video_unet(bundle: Path, config: dict) -> None:
         f"{bundle} is a video UNet bundle; a diffusers UNet2DConditionModel folder would silently drop its "
         "motion modules"
         + (f", and diffusers' UNetMotionModel lacks {'; '.join(found)}" if found else "")
-        + ". Export it with --layout release (the flat state dict X-Dyna / AnimateDiff load)"
+        + ". Export it with --layout release (the flat state dict X-Dyna / AnimateDiff load); its motion modules "
+        "alone go to a diffusers MotionAdapter folder with convert.animatediff.export_motion_modules"
     )
 
 

@@ -83,9 +83,7 @@ def _expect_kind(path: Path, kind: str) -> dict:
     return manifest
 
 
-def load_xdyna(
-    path: str | Path, *, compute: Compute | None = None, param_dtype: str | None = None
-) -> XDyna:
+def load_xdyna(path: str | Path, *, compute: Compute | None = None, param_dtype: str | None = None) -> XDyna:
     """Load the folder written by `python -m convert xdyna`.
 
     compute overrides every model's compute settings; param_dtype casts every model's params while loading.
