@@ -1,6 +1,6 @@
 """Wall time and peak RSS of the X-Dyna converters and exports on full-size fakes of the release.
 
-    python -m bench.convert_memory                  # full size (about 15 GB of fakes under the temp dir)
+    python -m bench.convert_memory                  # full size (11.5 GiB of fakes under the temp dir)
     python -m bench.convert_memory --scale 0.5      # every width halved: about a quarter of the bytes
     python -m bench.convert_memory --keep /tmp/fx   # keep (and reuse) the fakes in /tmp/fx
 
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=1.0, help="width factor of every model (1: the release's)")
     p.add_argument("--keep", help="folder for the fakes, kept afterwards (reused if built at the same scale)")
+    p.add_argument("--only", help="run only the steps whose name contains this text (e.g. 'export')")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the builder worker
     args = p.parse_args(argv)
 
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(tempfile.mkdtemp(prefix="xdyna-out-", dir=root))
         print(f"{'step':<46}{'wall s':>8}{'peak RSS GiB':>14}")
         for name, cmd in steps(root, out):
+            if args.only and args.only not in name:
+                continue
             r = run_measured(cmd)
             print(f"{name:<46}{r['wall_s']:>8}{r['peak_rss_gib']:>14}", flush=True)
         shutil.rmtree(out, ignore_errors=True)

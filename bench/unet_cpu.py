@@ -2,11 +2,13 @@
 
     python -m bench.unet_cpu                       # 64x64 and 112x64 latents, batch 1, context 77x768, fp32
     python -m bench.unet_cpu --sizes 64x64 --repeats 5 --attention chunked
+    python -m bench.unet_cpu --conv native            # JAX with XLA's conv everywhere (before im2col)
 
 Random SD 1.5 weights are made once with torch (seeded), written to a temporary safetensors file and
 converted for JAX, so both sides hold the same numbers. Each (framework, size) runs in its own process so
 its peak RSS is its own; JAX also reports XLA's compiled temp memory. GFLOP/s uses the FLOP count of XLA's
-cost analysis for both sides. The outputs of the two are compared as a sanity check.
+cost analysis for both sides. The outputs of the two are compared as a sanity check. Times are the
+minimum over the repeats: on a shared machine the minimum is the run least disturbed by other load.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def worker_torch(weights: str, h: int, w: int, repeats: int, out: str) -> dict:
     return {"times": times, "threads": torch.get_num_threads()}
 
 
-def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: str, chunk: int) -> dict:
+def worker_jax(
+    weights: str, h: int, w: int, repeats: int, out: str, attention: str, chunk: int, conv: str
+) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -64,11 +67,12 @@ def worker_jax(weights: str, h: int, w: int, repeats: int, out: str, attention: 
     from convert.state import load_torch_state
     from xdyna_jax.models.unet import UNet, UNetConfig
     from xdyna_jax.nn.compute import Compute
+    from xdyna_jax.nn.conv import set_formulation
 
     cfg = UNetConfig(compute=Compute(attention=attention, attention_chunk=chunk))
     model = shape_only_model(UNet, cfg)
     load_torch_state(model, read_state_dict(weights), source=weights)
-    graph, params = nnx.split(model)
+    graph, params = nnx.split(set_formulation(model, conv))
     fwd = jax.jit(lambda p, x, t, c: nnx.merge(graph, p)(x, t, c))
     x, ctx, t = (jnp.asarray(a) for a in _inputs(h, w))
     times, compile_s, compiled, y = time_jitted(fwd, params, (x, t, ctx), repeats)
@@ -121,6 +125,9 @@ def main() -> None:
         "--attention", default="chunked", help="JAX attention backend (xla | chunked | dot_product)"
     )
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument(
+        "--conv", default="auto", help="JAX conv formulation (auto | native | im2col), see xdyna_jax.nn.conv"
+    )
     p.add_argument("--worker", choices=("torch", "jax"), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -132,7 +139,7 @@ def main() -> None:
         if a.worker == "torch":
             res = worker_torch(a.weights, h, w, a.repeats, a.out)
         else:
-            res = worker_jax(a.weights, h, w, a.repeats, a.out, a.attention, a.chunk)
+            res = worker_jax(a.weights, h, w, a.repeats, a.out, a.attention, a.chunk, a.conv)
         res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(res))
         return
@@ -156,12 +163,14 @@ def main() -> None:
                     a.attention,
                     "--chunk",
                     str(a.chunk),
+                    "--conv",
+                    a.conv,
                     *common,
                 ],
             )
             y_pt, y_jx = np.load(f"{tmp}/pt.npy"), np.load(f"{tmp}/jx.npy")
             err = float(np.abs(y_pt - y_jx).max() / np.abs(y_pt).max())
-            mp, mj = statistics.median(pt["times"]), statistics.median(jx["times"])
+            mp, mj = min(pt["times"]), min(jx["times"])
             gflop = jx["flops"] / 1e9
             rows.append(
                 (
@@ -180,14 +189,14 @@ def main() -> None:
             )
             print(
                 f"{h}x{w}: torch {pt['times']}  jax {jx['times']}  (torch threads {pt['threads']}, "
-                f"jax devices {jx['devices']}, {gflop:.0f} GFLOP)",
+                f"jax devices {jx['devices']}, jax conv {a.conv}, {gflop:.0f} GFLOP)",
                 flush=True,
             )
 
     head = (
         "latent",
-        "torch s",
-        "jax s",
+        "torch s (min)",
+        "jax s (min)",
         "jax/torch",
         "torch GFLOP/s",
         "jax GFLOP/s",

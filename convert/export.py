@@ -47,8 +47,9 @@ _WEIGHTS_NAME = {"clip_text": "model", "clip_vision": "model"}  # others: diffus
 
 
 _TORCH_PICKLES = (".ckpt", ".pth", ".pt", ".bin")
-# diffusers' UNetMotionModel has none of these (X-Dyna's adapters, reference-frame skip) and normalises
-# each frame on its own, so a diffusers folder of such a UNet would compute something else.
+# What diffusers' UNetMotionModel cannot express (X-Dyna's adapters, the reference-frame skip) or computes
+# differently (its ResNets normalise each frame alone; its motion modules pool GroupNorm over frames): a
+# diffusers folder of such a UNet would compute something else, so none is written.
 _NOT_IN_DIFFUSERS = {
     "dynamics_adapter": "the Dynamics-Adapter (attn1.to_q_ff / to_out_ff)",
     "ip_adapter_tokens": "IP-Adapter projections inside the UNet (attn2.to_k_ip / to_v_ip)",
@@ -108,6 +109,10 @@ def write_state_file(state: dict[str, np.ndarray], output: Path, *, overwrite: b
 
 def _refuse_video_unet(bundle: Path, config: dict) -> None:
     found = [what for field, what in _NOT_IN_DIFFUSERS.items() if config.get(field)]
+    if config.get("motion_modules") and not config.get("motion_groupnorm_across_frames"):
+        found.append(
+            "motion-module GroupNorm per frame (the original AnimateDiff's; diffusers pools over frames)"
+        )
     raise ConversionError(
         f"{bundle} is a video UNet bundle; a diffusers UNet2DConditionModel folder would silently drop its "
         "motion modules"

@@ -31,9 +31,9 @@ def _random(shape_x, shape_k, dtype=jnp.float32, seed=0):
 # symmetric 1-pixel padding of the UNet, the VAE downsampler's unpadded stride 2 (it pads right/bottom
 # itself), 1x1 convs, a batch > 1 and a non-square latent.
 CASES = [
-    ((1, 8, 8, 96), 3, 64, 1, ((1, 1), (1, 1))),
+    ((1, 8, 8, 512), 3, 32, 1, ((1, 1), (1, 1))),
     ((2, 7, 5, 64), 3, 48, 1, ((1, 1), (1, 1))),
-    ((1, 16, 16, 64), 3, 64, 2, ((1, 1), (1, 1))),
+    ((1, 16, 16, 512), 3, 32, 2, ((1, 1), (1, 1))),
     ((1, 9, 9, 64), 3, 32, 2, ((0, 0), (0, 0))),
     ((1, 40, 24, 16), 3, 24, 1, ((1, 1), (1, 1))),
     ((1, 8, 8, 96), 1, 64, 1, ((0, 0), (0, 0))),
@@ -78,6 +78,7 @@ def test_cpu_dispatch_by_shape():
     # few input channels (CLIP's 3-channel patch embedding, the ControlNet hint block): native
     assert cpu_formulation((1, 224, 224, 3), (14, 14, 3, 1024), (14, 14), ((0, 0), (0, 0))) == "native"
     assert cpu_formulation((1, 16, 16, 16), (3, 3, 16, 32), (1, 1), same) == "native"
+    assert cpu_formulation((1, 8, 8, 320), (3, 3, 320, 320), (1, 1), same) == "native"
     # a 1x1 conv is a matmul at every extent
     assert cpu_formulation((1, 64, 64, 320), (1, 1, 320, 320), (1, 1), ((0, 0), (0, 0))) == "im2col"
 

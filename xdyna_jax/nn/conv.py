@@ -23,15 +23,20 @@ from jax import lax
 
 FORMULATIONS = ("auto", "native", "im2col")
 
-# Largest N*Ho*Wo (output pixels, batch included) at which a kh*kw > 1 conv is lowered as im2col on CPU.
-# Measured with bench/conv_cpu.py (fp32, 3x3, 640..2560 input channels, min of N interleaved runs):
-# im2col is 1.5-3.5x faster up to 16x16 = 256 pixels and still ahead at 28x16 = 448 (the 112x64 latent's
-# third level) and 512; from 32x32 = 1024 on the native conv is faster (up to 2x at 64x64x320).
-# At 512 pixels the patch matrix of the widest SD conv (2560 channels) is 512*9*2560*4 B = 47 MB.
+# When a kh*kw > 1 conv is lowered as im2col on CPU: at most IM2COL_MAX_PIXELS output pixels (N*Ho*Wo,
+# batch included) and at least IM2COL_MIN_CHANNELS input channels. Measured on the 2-core dev machine with
+# bench/conv_cpu.py and by hand (fp32 3x3, batch 1, native and im2col interleaved, min of 10; time of
+# im2col / time of native):
+#   1280->1280:   8x8 0.28-0.44 | 16x16 0.57-0.73 | 28x16 0.83-0.93 | 16x32 0.83-0.89 | 24x32 ~1 | 32x32 ~1
+#   640->640:     32x32 1.15-1.3 | 64x64 (320->320) 1.6-1.9
+#   at 8x8/16x16: 320 channels ~1.05, 160 ~1.0, 128 and 64 ~1.15
+# So im2col from 8x8 up to 512 pixels (which covers the 28x16 level of a 112x64 latent), native from about
+# 768 on, where it is as fast or faster and im2col would hold kh*kw copies of a large activation; at 512
+# pixels the patch matrix of the widest SD conv (2560 channels) is 512*9*2560*4 B = 47 MB. Below 512
+# channels the patch matrix is too thin for the matmul to win (the ControlNet hint block, CLIP's
+# 3-channel patch embedding, SD's 320-wide level, which only runs at 64x64 anyway).
 IM2COL_MAX_PIXELS = 512
-# Below this many input channels the patch matrix is too thin for the matmul to beat the native conv
-# (the ControlNet hint block, the 3-channel CLIP patch embedding); SD's small levels have >= 320.
-IM2COL_MIN_CHANNELS = 64
+IM2COL_MIN_CHANNELS = 512
 
 
 def set_formulation(model: nnx.Module, name: str) -> nnx.Module:
@@ -70,6 +75,7 @@ def cpu_formulation(
     """The formulation `conv2d` uses on CPU for an NHWC input and an HWIO kernel of these static shapes."""
     n, h, w, c = input_shape
     kh, kw = kernel_shape[:2]
+    strides = tuple(strides)
     pads = _explicit_pads(padding)
     if pads is None or len(pads) != 2:
         return "native"
@@ -77,7 +83,9 @@ def cpu_formulation(
     ho = (h + pt + pb - kh) // strides[0] + 1
     wo = (w + pl + pr - kw) // strides[1] + 1
     if kh == kw == 1 and strides == (1, 1) and pads == ((0, 0), (0, 0)):
-        return "im2col"  # a 1x1 conv is a matmul over the pixels: no patch copy, faster at every extent
+        # a 1x1 conv is a matmul over the pixels (no patch copy); measured 0.86-0.9x the native conv's
+        # time at SD's UNet shapes and 0.4-0.7x at VAE decoder extents (256x256x512, 512x512x256)
+        return "im2col"
     if c >= IM2COL_MIN_CHANNELS and n * ho * wo <= IM2COL_MAX_PIXELS:
         return "im2col"
     return "native"
