@@ -13,7 +13,7 @@ from xdyna_jax.nn.shape_only import shape_only_model
 
 
 def rel_err(actual, expected) -> float:
-    """max |a - b| / max |b| (the metric of DESIGN.md section 6)."""
+    """max |a - b| / max |b| (the metric of docs/conventions.md)."""
     a = np.asarray(actual, dtype=np.float64)
     b = np.asarray(expected, dtype=np.float64)
     assert a.shape == b.shape, f"shape {a.shape} vs {b.shape}"

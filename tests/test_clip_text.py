@@ -10,8 +10,8 @@ from oracle import perturb_, rel_err, torch_state
 from convert.clip_text import export_clip_text_state, load_clip_text_state
 from convert.io import ConversionError
 from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 TINY = dict(
     vocab_size=1000,

@@ -14,8 +14,8 @@ from convert.io import ConversionError
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.conditioning.clip_image import preprocess_clip_image, uncond_pixel_values
 from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 TINY = dict(
     hidden_size=32,

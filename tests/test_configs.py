@@ -20,7 +20,7 @@ def test_paper_config_is_the_release_architecture():
     assert unet.groupnorm_over_frames and unet.skip_reference_frame and unet.ip_adapter_tokens == 16
     assert cfgs["controlnet_face"].conditioning_channels == 6
 
-    # The release's state dict (xdyna_official_code.md section d): 1326 keys / 1,321,465,924 numbers for the
+    # The release's UNet checkpoint: 1326 keys / 1,321,465,924 numbers for the
     # UNet, of which 40 are pe buffers (2 per motion module, 24 x C each: 844,800 numbers) that we compute;
     # 340 keys / 361.28 M for each ControlNet (+432 for the face one's 6-channel input conv).
     def count(cls, c):

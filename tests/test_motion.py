@@ -54,7 +54,7 @@ def build(params, *, across: bool) -> VanillaTemporalModule:
 
 
 def video_input(seed: int = 1, frames: int = FRAMES) -> np.ndarray:
-    """(B*F, H, W, C) with a different scale and offset per frame, so per-frame and per-clip GroupNorm
+    """(B*F, H, W, C) with a different scale and offset per frame, so per-frame and per-window GroupNorm
     statistics really differ."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, frames, H, W, C))
@@ -72,7 +72,7 @@ def reference(params: dict, x: torch.Tensor, frames: int, *, per_frame: bool) ->
     """The original AnimateDiff motion module written out from its equations (torch, any dtype).
 
     params: original-named tensors (`temporal_transformer.…`). per_frame: GroupNorm statistics over (H, W)
-    of each frame (the original) instead of over (F, H, W) of the clip (diffusers).
+    of each frame (the original) instead of over (F, H, W) of the window (diffusers).
     """
 
     def p(name):
@@ -149,11 +149,11 @@ def test_skip_reference_leaves_frame_0_and_runs_the_rest_alone(oracle, across):
     model = build(params, across=across)
     x = video_input(seed=2)
     out = np.asarray(call(model, jnp.asarray(x), FRAMES, True)).reshape(B, FRAMES, H, W, C)
-    clips = x.reshape(B, FRAMES, H, W, C)
-    np.testing.assert_array_equal(out[:, 0], clips[:, 0])
-    rest = np.asarray(call(model, jnp.asarray(clips[:, 1:].reshape(-1, H, W, C)), FRAMES - 1))
+    windows = x.reshape(B, FRAMES, H, W, C)
+    np.testing.assert_array_equal(out[:, 0], windows[:, 0])
+    rest = np.asarray(call(model, jnp.asarray(windows[:, 1:].reshape(-1, H, W, C)), FRAMES - 1))
     np.testing.assert_allclose(out[:, 1:], rest.reshape(B, FRAMES - 1, H, W, C), rtol=1e-6, atol=1e-6)
-    assert np.abs(out[:, 1:] - clips[:, 1:]).max() > 0.1  # the module did act on frames 1..
+    assert np.abs(out[:, 1:] - windows[:, 1:]).max() > 0.1  # the module did act on frames 1..
 
 
 def test_gradients_match_torch_autograd(oracle):

@@ -13,7 +13,7 @@ from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
 
 CONFIGS = {
-    # diffusers' own unit-test config (checkpoint_formats.md section 7)
+    # diffusers' own unit-test config (its tests' tiny UNet2DConditionModel)
     "diffusers_test": dict(
         block_out_channels=(32, 64),
         norm_num_groups=8,

@@ -24,7 +24,7 @@ TINY = dict(TINY_UNET, in_channels=4, out_channels=4, sample_size=8)
 
 
 class SkipReference(torch.nn.Module):
-    """cross_id from the equations: frame 0 of each clip goes around the motion module unchanged."""
+    """cross_id from the equations: frame 0 of each window goes around the motion module unchanged."""
 
     def __init__(self, inner):
         super().__init__()
@@ -40,9 +40,9 @@ class SkipReference(torch.nn.Module):
         cross_attention_kwargs=None,
     ):
         bf, c, h, w = hidden_states.shape
-        clip = hidden_states.view(bf // num_frames, num_frames, c, h, w)
-        rest = self.inner(clip[:, 1:].reshape(-1, c, h, w), num_frames=num_frames - 1)
-        return torch.cat([clip[:, :1], rest.view(bf // num_frames, num_frames - 1, c, h, w)], 1).view(
+        window = hidden_states.view(bf // num_frames, num_frames, c, h, w)
+        rest = self.inner(window[:, 1:].reshape(-1, c, h, w), num_frames=num_frames - 1)
+        return torch.cat([window[:, :1], rest.view(bf // num_frames, num_frames - 1, c, h, w)], 1).view(
             bf, c, h, w
         )
 

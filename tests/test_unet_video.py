@@ -1,8 +1,8 @@
-"""The X-Dyna UNet on clips: Dynamics-Adapter, GroupNorm over frames and IP-Adapter attention, against a
-PyTorch reference written here from the equations of DESIGN.md section 1 (diffusers has no oracle for the
+"""The X-Dyna UNet on windows of frames: Dynamics-Adapter, GroupNorm over frames and IP-Adapter attention, against a
+PyTorch reference written here from the equations in docs/architecture.md (diffusers has no oracle for the
 adapter or the pooled GroupNorm): diffusers' UNet2DConditionModel with its attn1 processors replaced by the
 adapter equation, diffusers' own IPAdapterAttnProcessor2_0 in attn2, and resnet GroupNorms wrapped to pool
-statistics over the frames of a clip."""
+statistics over the frames of a window."""
 
 import dataclasses
 
@@ -57,7 +57,7 @@ class AdapterProcessor(torch.nn.Module):
 
 
 class ClipGroupNorm(torch.nn.Module):
-    """torch GroupNorm on (b, c, f, h, w): statistics over every frame of a clip (the release's ResnetBlock3D)."""
+    """torch GroupNorm on (b, c, f, h, w): statistics over every frame of a window (the release's ResnetBlock3D)."""
 
     def __init__(self, gn):
         super().__init__()

@@ -13,8 +13,8 @@ from oracle import nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import export_torch_state, load_torch_state
 from xdyna_jax.models.vae import AutoencoderKL, VAEConfig, sample_latent
-from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.nn.shape_only import shape_only_model
 
 
 def _blocks(n):

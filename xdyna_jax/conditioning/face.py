@@ -12,7 +12,7 @@ Follows the official release (bytedance/X-Dyna, ``inference_xdyna.py``,
   Half-sizes (box_w // 8, box_h // 8) (the release writes ``int(box_w / 512 * 64)``); rectangle =
   rows [cy - hy, cy + hy), columns [cx - hx, cx + hx).
 - Both maps keep the full frame geometry (no crop). The ControlNet input is concat[local, global] on channels,
-  each min-max normalised over the whole clip (``normalize_frames``).
+  each min-max normalised over the whole video (``normalize_frames``).
 
 Deliberate differences from the release, all for frames the release mishandles:
 - No face in a frame: we reuse the last good box and landmarks on the current frame's pixels. The release
@@ -22,7 +22,7 @@ Deliberate differences from the release, all for frames the release mishandles:
   NumPy wraps around, so a rectangle touching the top/left border disappears there.
 - ``sticky_box=True`` turns on the box stabilisation the release wrote but never reaches (same
   ``last_bbox`` bug): keep the previous box while the new landmark bounding box lies inside it.
-- A constant clip (e.g. no face anywhere) normalises to zeros; the release divides 0 by 0 (NaN).
+- A constant video (e.g. no face anywhere) normalises to zeros; the release divides 0 by 0 (NaN).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def sface_maps(
     *,
     sticky_box: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Local and global S-Face maps for a clip: ``(local (T,H,W,3), global (T,H,W,3))``, frame dtype.
+    """Local and global S-Face maps for a video: ``(local (T,H,W,3), global (T,H,W,3))``, frame dtype.
 
     ``landmarks[t]`` is the (68, 2) array for frame t, or None when no face was found there. A frame without
     a face reuses the last good box and landmarks (applied to its own pixels); frames before the first face
@@ -163,16 +163,16 @@ def sface_maps(
 
 
 def normalize_frames(x) -> np.ndarray:
-    """Release normalisation of one condition clip (T, H, W, C) -> float32 in [0, 1].
+    """Release normalisation of one condition video (T, H, W, C) -> float32 in [0, 1].
 
     VaeImageProcessor.preprocess (uint8 / 255 -> 2x - 1; float input is taken to be in [0, 1] already, as
-    diffusers does), then min-max over the whole clip tensor (``prepare_condition``). Min-max cancels any
-    positive affine scaling, so a float clip in [0, 255] gives the same result up to rounding. A constant
-    clip (e.g. all black) returns zeros instead of the release's 0/0 NaNs.
+    diffusers does), then min-max over the whole video tensor (``prepare_condition``). Min-max cancels any
+    positive affine scaling, so a float video in [0, 255] gives the same result up to rounding. A constant
+    video (e.g. all black) returns zeros instead of the release's 0/0 NaNs.
     """
     x = np.asarray(x)
     if x.ndim != 4 or x.size == 0:
-        raise ValueError(f"expected a non-empty (T, H, W, C) clip, got shape {x.shape}")
+        raise ValueError(f"expected a non-empty (T, H, W, C) video, got shape {x.shape}")
     x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
     x = np.float32(2.0) * x - np.float32(1.0)
     lo, hi = x.min(), x.max()

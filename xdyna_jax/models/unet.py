@@ -38,7 +38,7 @@ class UNetConfig(UNetEncoderConfig):
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     sample_size: int | None = 64
     # --- video / X-Dyna (not diffusers UNet fields) ---
-    # resnet GroupNorms and conv_norm_out pool statistics over all frames of a clip (AnimateDiff v1 and the
+    # resnet GroupNorms and conv_norm_out pool statistics over all frames of a window (AnimateDiff v1 and the
     # X-Dyna release); off = per frame (AnimateDiff v2/v3, diffusers' UNetMotionModel).
     groupnorm_over_frames: bool = False
     dynamics_adapter: bool = False  # X-Dyna's reference branch in every attn1 (frame 0 = reference)
@@ -101,7 +101,7 @@ class UNetConfig(UNetEncoderConfig):
 class UNet(UNetEncoder):
     """sample (B, H, W, C_in), timesteps (B,) or scalar, context (B, L, D) -> noise prediction (B, H, W, C_out).
 
-    Runs on images, or on clips (B, F, H, W, C_in) when the config `is_video`. Optional ControlNet residuals
+    Runs on images, or on windows (B, F, H, W, C_in) when the config `is_video`. Optional ControlNet residuals
     are added to the skip connections (`down_residuals`, one per skip) and to the mid-block output
     (`mid_residual`), as in diffusers.
     """
@@ -138,9 +138,9 @@ class UNet(UNetEncoder):
         *,
         ip_scale: float = 1.0,
     ) -> jax.Array:
-        """sample (B, H, W, C) or a clip (B, F, H, W, C); timesteps (B,) or scalar; context (B, L, D).
+        """sample (B, H, W, C) or a window (B, F, H, W, C); timesteps (B,) or scalar; context (B, L, D).
 
-        ControlNet residuals may be per image (B*F, ...) or per clip (B, F, ...). Returns sample's shape.
+        ControlNet residuals may be per image (B*F, ...) or per window (B, F, ...). Returns sample's shape.
         """
         cfg = self.config
         is_clip = sample.ndim == 5
@@ -151,7 +151,7 @@ class UNet(UNetEncoder):
             )
         if cfg.is_video and not is_clip:
             raise ValueError(
-                f"this UNet is a video model; pass a clip (B, F, H, W, C), got {tuple(sample.shape)}"
+                f"this UNet is a video model; pass a window (B, F, H, W, C), got {tuple(sample.shape)}"
             )
         b, frames = sample.shape[0], (sample.shape[1] if is_clip else 1)
         dtype = cfg.compute.jnp_dtype
@@ -184,7 +184,7 @@ class UNet(UNetEncoder):
 
 
 def _norm_over_frames(batch: int, frames: int):
-    """GroupNorm with statistics over every frame of a clip: normalise (B, F, H, W, C), not (B*F, H, W, C)."""
+    """GroupNorm with statistics over every frame of a window: normalise (B, F, H, W, C), not (B*F, H, W, C)."""
 
     def norm(module, h):
         return module(h.reshape(batch, frames, *h.shape[1:])).reshape(h.shape)

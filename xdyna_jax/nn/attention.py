@@ -70,7 +70,7 @@ class AdapterSelfAttention(Attention):
         out = to_out.0(Attn(Q, K, V)) + to_out_ff(Attn(Q', K_R, V_R))
 
     Q' = to_q_ff(h) is a trainable copy of to_q (initialised equal to it); K_R, V_R are the frozen to_k/to_v
-    of frame 0 (the reference) of the same clip, shared by every frame (frame 0 attends to itself too).
+    of frame 0 (the reference) of the same window, shared by every frame (frame 0 attends to itself too).
     `to_out_ff` (Linear with bias) starts at zero, so a fresh adapter leaves the UNet unchanged.
     """
 
@@ -85,13 +85,13 @@ class AdapterSelfAttention(Attention):
     def __call__(
         self, x: jax.Array, context: jax.Array | None = None, *, frames=1, ip_scale=1.0
     ) -> jax.Array:
-        """x: (B*F, N, C), the frames of each clip consecutive."""
+        """x: (B*F, N, C), the frames of each window consecutive."""
         if context is not None:
             raise ValueError("the Dynamics-Adapter is self-attention (attn1): it takes no context")
         bf, n, _ = x.shape
         k, v = self.to_k(x), self.to_v(x)
         out = self.to_out[0](self.attend(self.to_q(x), k, v))
-        # Attention is independent per query row, so all F*N queries of a clip can attend to the
+        # Attention is independent per query row, so all F*N queries of a window can attend to the
         # reference's N keys in one call instead of broadcasting K_R, V_R to every frame.
         b = bf // frames
         q_ref = self.to_q_ff(x).reshape(b, frames * n, -1)

@@ -12,7 +12,7 @@ load as they are (convert/animatediff_keys.py maps diffusers' MotionAdapter name
 The sinusoidal table `pe` goes onto the normed input of each attention (so into q, k and v alike), never
 onto the residual stream; diffusers' BasicTransformerBlock(positional_embeddings="sinusoidal") does the same
 with one table per block. The only behavioural difference to diffusers' AnimateDiffTransformer3D is the input
-GroupNorm's extent: per frame here by default (the original), across the frames of a clip there
+GroupNorm's extent: per frame here by default (the original), across the frames of a window there
 (`groupnorm_across_frames=True`).
 """
 
@@ -59,7 +59,7 @@ class MotionSpec:
     """Settings every motion module of a UNet shares (the defaults are AnimateDiff v1's).
 
     groupnorm_across_frames: False = the original, GroupNorm statistics per frame; True = statistics over all
-    frames of a clip, as diffusers' AnimateDiffTransformer3D computes them.
+    frames of a window, as diffusers' AnimateDiffTransformer3D computes them.
     """
 
     heads: int = 8
@@ -109,7 +109,7 @@ class TemporalTransformer3DModel(nnx.Module):
         b = bf // frames
         # GroupNorm normalises each element of axis 0, so the shape passed picks the statistics' extent.
         h = self.norm(x.reshape(b, frames, height, width, c) if self.groupnorm_across_frames else x)
-        # (B, F, H, W, C) -> (B*H*W, F, C): one length-F sequence per pixel of each clip.
+        # (B, F, H, W, C) -> (B*H*W, F, C): one length-F sequence per pixel of each window.
         h = (
             h.reshape(b, frames, height * width, c)
             .transpose(0, 2, 1, 3)
@@ -137,10 +137,10 @@ class VanillaTemporalModule(nnx.Module):
         proj_out.bias.set_value(jnp.zeros_like(proj_out.bias.get_value()))
 
     def __call__(self, x: jax.Array, frames: int, skip_reference: bool = False) -> jax.Array:
-        """x: (B*F, H, W, C) frames folded into the batch (frame-major inside each clip: index b*F + f).
+        """x: (B*F, H, W, C) frames folded into the batch (frame-major inside each window: index b*F + f).
 
         Temporal self-attention over the F axis at every pixel; returns the same shape.
-        skip_reference: frame 0 of each clip bypasses the module (X-Dyna's cross_id): slice it off, run on
+        skip_reference: frame 0 of each window bypasses the module (X-Dyna's cross_id): slice it off, run on
         frames 1..F-1, put it back unchanged.
         """
         if x.ndim != 4 or frames < 1 or x.shape[0] % frames:
@@ -151,13 +151,13 @@ class VanillaTemporalModule(nnx.Module):
         if not skip_reference:
             self._check_length(frames)
             return self.temporal_transformer(x, frames)
-        clips = x.reshape(x.shape[0] // frames, frames, *x.shape[1:])
+        windows = x.reshape(x.shape[0] // frames, frames, *x.shape[1:])
         rest = frames - 1
         if rest == 0:  # only the reference: nothing to attend over
             return x
         self._check_length(rest)
-        out = self.temporal_transformer(clips[:, 1:].reshape(-1, *x.shape[1:]), rest)
-        out = jnp.concatenate([clips[:, :1], out.reshape(clips.shape[0], rest, *x.shape[1:])], axis=1)
+        out = self.temporal_transformer(windows[:, 1:].reshape(-1, *x.shape[1:]), rest)
+        out = jnp.concatenate([windows[:, :1], out.reshape(windows.shape[0], rest, *x.shape[1:])], axis=1)
         return out.reshape(x.shape)
 
     def _check_length(self, frames: int) -> None:

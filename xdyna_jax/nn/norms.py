@@ -2,7 +2,7 @@
 
 GroupNorm normalises each element of axis 0 over every other axis within a channel group, so the caller
 decides the statistics' extent by the shape it passes: (B*F, H, W, C) for per-frame statistics,
-(B, F, H, W, C) for statistics shared across the frames of a clip (AnimateDiff v1 / X-Dyna release).
+(B, F, H, W, C) for statistics shared across the frames of a window (AnimateDiff v1 / X-Dyna release).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from xdyna_jax.nn.norms import GroupNorm
 class ResnetBlock2D(nnx.Module):
     """norm1-silu-conv1 (+ time_emb_proj(silu(temb))) -norm2-silu-conv2, plus a (1x1 conv) shortcut.
 
-    `norm_fn` lets a caller change how GroupNorm statistics are pooled (e.g. over the frames of a clip):
+    `norm_fn` lets a caller change how GroupNorm statistics are pooled (e.g. over the frames of a window):
     it receives the norm module and the activation and returns the normalised activation.
     """
 
