@@ -46,9 +46,13 @@ def test_im2col_equals_native_fp32(shape_x, ks, cout, stride, pads):
     x, k = _random(shape_x, (ks, ks, shape_x[-1], cout))
     f = jax.jit(_conv, static_argnums=(2, 3, 4, 5))
     native = f(x, k, stride, pads, "native")
-    for precision in (None, jax.lax.Precision.HIGHEST):
-        assert rel_err(f(x, k, stride, pads, "im2col", precision), native) < 2e-6
+    assert rel_err(f(x, k, stride, pads, "im2col"), native) < 2e-6
     assert rel_err(f(x, k, stride, pads, "auto"), native) < 2e-6
+    if stride == 2:  # `precision` is passed on to the matmul as to the conv
+        highest = jax.lax.Precision.HIGHEST
+        assert (
+            rel_err(f(x, k, stride, pads, "im2col", highest), f(x, k, stride, pads, "native", highest)) < 2e-6
+        )
 
 
 @pytest.mark.parametrize("shape_x,ks,cout,stride,pads", [CASES[0], CASES[2], CASES[5]])
