@@ -134,6 +134,16 @@ def write_tokenizer(folder, *, sd15_configs=True, pad_token="<|endoftext|>"):
 
 # The tiny SD 1.x pipeline the converter tests write as a diffusers folder: its UNet's cross-attention width
 # is the text encoder's hidden size (32).
+# One block: eager init and real-Rngs traces stay cheap (every distinct parameter shape costs a compile,
+# and nnx.eval_shape with real Rngs grows with the square of the parameter count).
+ONE_BLOCK = dict(
+    block_out_channels=(8,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=8,
+    attention_head_dim=2,
+)
 TINY_SD_UNET = dict(TINY_UNET, cross_attention_dim=32, sample_size=8)
 TINY_VAE = dict(
     block_out_channels=(8, 16),

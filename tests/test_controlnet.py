@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel as TorchControlNet
 from flax import nnx
-from oracle import nchw, nhwc, perturb_, rel_err, torch_state
+from oracle import ONE_BLOCK, nchw, nhwc, perturb_, rel_err, torch_state
 
 from convert.state import load_torch_state, torch_key
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
@@ -70,16 +70,7 @@ def test_controlnet_matches_diffusers(name):
 
 
 def test_fresh_controlnet_adds_nothing():
-    # one block keeps eager init cheap: every distinct parameter shape costs an XLA compile
-    cfg = ControlNetConfig(
-        block_out_channels=(8,),
-        down_block_types=("CrossAttnDownBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        conditioning_embedding_out_channels=(4, 4),
-    )
+    cfg = ControlNetConfig(**ONE_BLOCK, conditioning_embedding_out_channels=(4, 4))
     model = ControlNetModel(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
     args = (jnp.ones((1, 4, 4, 4)), jnp.array([3]), jnp.ones((1, 3, 8)), jnp.ones((1, 8, 8, 3)))
     down, mid = nnx.jit(lambda m, *a: m(*a))(model, *args)

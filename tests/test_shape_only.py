@@ -2,20 +2,12 @@
 
 import pytest
 from flax import nnx
+from oracle import ONE_BLOCK
 
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.nn.shape_only import shape_only_model
 
-# One block keeps the real-Rngs trace short (its cost grows with the square of the parameter count).
-ONE_BLOCK = dict(
-    block_out_channels=(8,),
-    down_block_types=("CrossAttnDownBlock2D",),
-    layers_per_block=1,
-    norm_num_groups=4,
-    cross_attention_dim=8,
-    attention_head_dim=2,
-)
 CASES = {
     "video_unet": (
         UNet,

@@ -169,14 +169,23 @@ def save(
     return path
 
 
+def read_bundle_json(path: str | os.PathLike, name: str, what: str) -> dict:
+    """`path/name` as a JSON object; a missing or malformed file is one BundleError naming it."""
+    file = Path(path) / name
+    if not file.is_file():
+        raise BundleError(f"{path} is not a {what}: {file} is missing")
+    try:
+        obj = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise BundleError(f"{file} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     meta_file = Path(path) / "model.json"
-    if not meta_file.is_file():
-        raise BundleError(f"{path} is not a model bundle: {meta_file} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{meta_file} is not valid JSON: {e}") from e
+    meta = read_bundle_json(path, "model.json", "model bundle")
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"

@@ -11,14 +11,13 @@ it, so a sampler can take any pipeline folder:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from xdyna_jax.bundle import BundleError, load
+from xdyna_jax.bundle import BundleError, load, read_bundle_json
 from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.models.xdyna import XDynaDenoiser
 from xdyna_jax.nn.compute import Compute
@@ -61,13 +60,8 @@ class XDyna:
 def read_manifest(path: str | Path) -> dict:
     """A pipeline folder's manifest.json; it must name the pipeline's kind."""
     file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise BundleError(f"{path} is not a pipeline bundle: {file} is missing")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or "kind" not in manifest:
+    manifest = read_bundle_json(path, MANIFEST, "pipeline bundle")
+    if "kind" not in manifest:
         raise BundleError(f"{file} names no pipeline kind (one of {sorted(PIPELINE_KINDS)})")
     if manifest["kind"] not in PIPELINE_KINDS:
         raise BundleError(
@@ -104,9 +98,7 @@ def load_xdyna(path: str | Path, *, compute: Compute | None = None, param_dtype:
         part("controlnet_face", "controlnet", False),
     )
     tokenizer = CLIPTokenizer.from_folder(path / "tokenizer") if (path / "tokenizer").is_dir() else None
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if not scheduler_file.is_file():
-        raise BundleError(f"{path} is missing its scheduler config {scheduler_file}")
+    scheduler = read_bundle_json(path / "scheduler", "scheduler_config.json", "scheduler config folder")
     return XDyna(
         denoiser=denoiser,
         vae=part("vae", "vae"),
@@ -114,7 +106,7 @@ def load_xdyna(path: str | Path, *, compute: Compute | None = None, param_dtype:
         tokenizer=tokenizer,
         image_encoder=part("image_encoder", "clip_vision", False),
         resampler=part("resampler", "resampler", False),
-        scheduler=DDIMConfig.from_diffusers(json.loads(scheduler_file.read_text())),
+        scheduler=DDIMConfig.from_diffusers(scheduler),
         manifest=manifest,
     )
 
