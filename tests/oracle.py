@@ -238,3 +238,24 @@ def to_original(state: dict) -> dict:
             key = re.sub(pattern, repl, key)
         out[key] = value
     return out
+
+
+# X-Dyna sampling: the release's "uniform" context schedule, as its code loops (step 0 in the release).
+def _ordered_halving(val: int) -> float:
+    return int(f"{val:064b}"[::-1], 2) / (1 << 64)
+
+
+def release_context_windows(step, num_frames, size=16, stride=1, overlap=4, closed_loop=True, offset=0):
+    """The release's schedule (a generator over windows), plus its per-step frame offset."""
+    if num_frames <= size:
+        yield list(range(num_frames))
+        return
+    stride = min(stride, int(np.ceil(np.log2(num_frames / size))) + 1)
+    for context_step in 1 << np.arange(stride):
+        pad = int(round(num_frames * _ordered_halving(step)))
+        for j in range(
+            int(_ordered_halving(step) * context_step) + pad,
+            num_frames + pad + (0 if closed_loop else -overlap),
+            size * context_step - overlap,
+        ):
+            yield [(e + offset) % num_frames for e in range(j, j + size * context_step, context_step)]

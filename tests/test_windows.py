@@ -1,35 +1,16 @@
-"""Context windows against the release's uniform schedule, written here as that code loops."""
+"""Context windows against the release's uniform schedule (written in oracle.py as that code loops)."""
 
 import numpy as np
 import pytest
+from oracle import release_context_windows
 
 from xdyna_jax.sampling.windows import context_windows, frame_counts, num_windows, window_length
-
-
-def _ordered_halving(val: int) -> float:
-    return int(f"{val:064b}"[::-1], 2) / (1 << 64)
-
-
-def release_uniform(step, num_frames, size=16, stride=1, overlap=4, closed_loop=True, offset=0):
-    """The release's schedule (a generator over windows), plus its per-step frame offset."""
-    if num_frames <= size:
-        yield list(range(num_frames))
-        return
-    stride = min(stride, int(np.ceil(np.log2(num_frames / size))) + 1)
-    for context_step in 1 << np.arange(stride):
-        pad = int(round(num_frames * _ordered_halving(step)))
-        for j in range(
-            int(_ordered_halving(step) * context_step) + pad,
-            num_frames + pad + (0 if closed_loop else -overlap),
-            size * context_step - overlap,
-        ):
-            yield [(e + offset) % num_frames for e in range(j, j + size * context_step, context_step)]
 
 
 def test_windows_and_counts_equal_the_release_for_every_length_and_offset():
     for n in range(1, 61):
         for offset in range(16):
-            ref = list(release_uniform(0, n, offset=offset))
+            ref = list(release_context_windows(0, n, offset=offset))
             got = context_windows(n, offset=offset if n > 16 else 0)
             np.testing.assert_array_equal(got, np.array(ref), err_msg=f"N={n} offset={offset}")
             assert got.shape == (num_windows(n), window_length(n))
