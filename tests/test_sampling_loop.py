@@ -15,14 +15,15 @@ from xdyna_jax.schedulers import DDIMScheduler
 
 N, H, W, C = 40, 2, 3, 4
 STEPS, GUIDANCE = 3, 7.5
+PARAMS = {"a": np.float32(0.3)}  # a stand-in weight, passed as an argument
 
 
-def stand_in(windows, t, frames, xp=jnp):
+def stand_in(params, windows, t, frames, xp=jnp):
     """Depends on the whole window (like the motion modules), the timestep and which frames it holds (like the
     pose conditions), and differs between the CFG halves."""
     cond = xp.cos(frames.astype(xp.float32) * 0.7)[:, :, None, None, None]
     cond = xp.concatenate([xp.zeros_like(cond[:, :1]), cond], axis=1)  # position 0: the reference
-    uncond = 0.3 * windows + 0.1 * windows.mean(axis=1, keepdims=True) + 0.01 * (t / 1000.0)
+    uncond = params["a"] * windows + 0.1 * windows.mean(axis=1, keepdims=True) + 0.01 * (t / 1000.0)
     return xp.stack([uncond, uncond + 0.2 * cond])
 
 
@@ -36,7 +37,7 @@ def release_loop(latents, offsets):
         for frames in release_context_windows(0, N, offset=int(offsets[step])):
             frames = np.array(frames)
             window = np.concatenate([x[:1], x[1:][frames]])[None]
-            eps = stand_in(window, np.float32(t), frames[None], xp=np).astype(np.float32)
+            eps = stand_in(PARAMS, window, np.float32(t), frames[None], xp=np).astype(np.float32)
             np.add.at(total, (slice(None), frames), eps[:, 0, 1:])
             np.add.at(counts, frames, 1)
         uncond, cond = total / counts[None, :, None, None, None]
@@ -51,14 +52,15 @@ def test_loop_equals_the_release_loop_with_diffusers_ddim_in_one_compile():
     offsets = draw_window_offsets(jax.random.key(3), STEPS)
     traces = []
 
-    def window_fn(windows, t, frames):
+    def window_fn(params, windows, t, frames):
         traces.append(windows.shape)  # runs once per trace
-        return stand_in(windows, t, frames)
+        return stand_in(params, windows, t, frames)
 
     scheduler = DDIMScheduler(XDYNA_SCHEDULER)
     timesteps = scheduler.timesteps(STEPS)
     got = denoise(
         window_fn,
+        PARAMS,
         jnp.asarray(latents),
         scheduler,
         timesteps,
@@ -71,11 +73,13 @@ def test_loop_equals_the_release_loop_with_diffusers_ddim_in_one_compile():
     np.testing.assert_array_equal(np.asarray(got[0]), latents[0])  # the reference is never stepped
     assert rel_err(np.asarray(got), want) < 1e-5
     # the padding windows add nothing: one window per call gives the same video
-    one = denoise(stand_in, jnp.asarray(latents), scheduler, timesteps, guidance=GUIDANCE, offsets=offsets)
+    one = denoise(
+        stand_in, PARAMS, jnp.asarray(latents), scheduler, timesteps, guidance=GUIDANCE, offsets=offsets
+    )
     assert float(jnp.abs(one - got).max()) <= 1e-6
     # and the offsets matter: another shift gives another result
     other = denoise(
-        stand_in, jnp.asarray(latents), scheduler, timesteps, guidance=GUIDANCE, offsets=offsets + 1
+        stand_in, PARAMS, jnp.asarray(latents), scheduler, timesteps, guidance=GUIDANCE, offsets=offsets + 1
     )
     assert float(jnp.abs(other - got).max()) > 1e-3
 
@@ -93,6 +97,6 @@ def test_bad_loop_arguments_are_refused():
     scheduler = DDIMScheduler(XDYNA_SCHEDULER)
     x = jnp.zeros((5, H, W, C))
     with pytest.raises(ValueError, match="one window offset per step"):
-        denoise(stand_in, x, scheduler, [961, 921], guidance=1.0, offsets=[0])
+        denoise(stand_in, PARAMS, x, scheduler, [961, 921], guidance=1.0, offsets=[0])
     with pytest.raises(ValueError, match="N >= 1 driven frames"):
-        denoise(stand_in, x[:1], scheduler, [961], guidance=1.0, offsets=[0])
+        denoise(stand_in, PARAMS, x[:1], scheduler, [961], guidance=1.0, offsets=[0])

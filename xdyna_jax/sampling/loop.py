@@ -16,6 +16,7 @@ a last, partial batch of windows is padded with copies whose predictions are mas
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,11 @@ import numpy as np
 from xdyna_jax.sampling.windows import context_windows, frame_counts
 from xdyna_jax.schedulers import DDIMScheduler
 
-# window_fn(windows (W, 1 + L, h, w, C), timestep () int32, frames (W, L) int32) -> (2, W, 1 + L, h, w, C):
-# the unconditional and conditional noise predictions; `frames` says which driven frames each window holds
-# (to pick their pose / face conditions), window position 0 is the reference.
-WindowFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# window_fn(params, windows (W, 1 + L, h, w, C), timestep () int32, frames (W, L) int32)
+#   -> (2, W, 1 + L, h, w, C): the unconditional and conditional noise predictions. `params` is any pytree
+# (weights, conditions) passed to every call as an argument, so it is never baked into the compiled program;
+# `frames` says which driven frames each window holds (to pick their conditions); position 0 is the reference.
+WindowFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def window_batches(windows: np.ndarray, window_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,10 +47,12 @@ def _accumulate(window_fn: WindowFn):
     """The compiled window step: gather the windows, predict, add the valid predictions per frame."""
 
     @jax.jit
-    def step(latents, timestep, frames, valid, total):
+    def step(params, latents, timestep, frames, valid, total):
         reference = jnp.broadcast_to(latents[:1], (frames.shape[0], 1, *latents.shape[1:]))
         windows = jnp.concatenate([reference, latents[1:][frames]], axis=1)
-        eps = window_fn(windows, timestep, frames)[:, :, 1:]  # the reference's prediction is discarded
+        eps = window_fn(params, windows, timestep, frames)[
+            :, :, 1:
+        ]  # the reference's prediction is discarded
         eps = eps * valid[None, :, None, None, None, None].astype(eps.dtype)
         flat = eps.reshape(2, -1, *eps.shape[3:]).astype(total.dtype)
         return total.at[:, frames.reshape(-1)].add(flat)
@@ -63,6 +67,7 @@ def draw_window_offsets(key: jax.Array, steps: int, window: int = 16) -> np.ndar
 
 def denoise(
     window_fn: WindowFn,
+    params: Any,
     latents: jax.Array,
     scheduler: DDIMScheduler,
     timesteps: Sequence[int],
@@ -99,7 +104,7 @@ def denoise(
         counts = jnp.asarray(frame_counts(windows, num_frames), jnp.float32)
         total = jnp.zeros((2, num_frames, *latents.shape[1:]), jnp.float32)
         for frames, valid in zip(*window_batches(windows, window_batch), strict=True):
-            total = step_fn(latents, jnp.int32(t), jnp.asarray(frames), jnp.asarray(valid), total)
+            total = step_fn(params, latents, jnp.int32(t), jnp.asarray(frames), jnp.asarray(valid), total)
             if progress is not None:
                 progress(1)
         uncond, cond = total / counts[None, :, None, None, None]
