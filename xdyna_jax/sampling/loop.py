@@ -15,6 +15,7 @@ a last, partial batch of windows is padded with copies whose predictions are mas
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,8 +44,12 @@ def window_batches(windows: np.ndarray, window_batch: int) -> tuple[np.ndarray, 
     return padded.reshape(-1, window_batch, windows.shape[1]), valid.reshape(-1, window_batch)
 
 
+@functools.cache
 def _accumulate(window_fn: WindowFn):
-    """The compiled window step: gather the windows, predict, add the valid predictions per frame."""
+    """The compiled window step: gather the windows, predict, add the valid predictions per frame.
+
+    Cached per window function, so later videos of the same shapes reuse the compiled step.
+    """
 
     @jax.jit
     def step(params, latents, timestep, frames, valid, total):
