@@ -259,3 +259,95 @@ def release_context_windows(step, num_frames, size=16, stride=1, overlap=4, clos
             size * context_step - overlap,
         ):
             yield [(e + offset) % num_frames for e in range(j, j + size * context_step, context_step)]
+
+
+# A tiny X-Dyna with every part and random weights (test_xdyna_pipeline, test_sample_cli): cross-attention
+# width 16, a latent of 12x8 for 24x16 frames (the 9x9 reflect-padded blur needs more than 4 pixels).
+TINY_XDYNA_CROSS = 16
+
+
+def _random_model(cls, config, seed):
+    from convert.state import load_torch_state
+
+    return load_torch_state(
+        shape_only_model(cls, config), random_torch_state(cls, config, seed), source="test"
+    )
+
+
+def tiny_xdyna(tmp_path):
+    """An `XDyna` (UNet with adapter, IP tokens and motion modules; pose and face ControlNets; VAE; CLIP text
+    and vision; resampler), its tokenizer written under tmp_path/tokenizer."""
+    from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+    from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from xdyna_jax.models.resampler import Resampler, ResamplerConfig
+    from xdyna_jax.models.unet import UNet, UNetConfig
+    from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
+    from xdyna_jax.models.xdyna import XDynaDenoiser
+    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+
+    cross = TINY_XDYNA_CROSS
+    unet = UNetConfig(
+        **TINY_UNET,
+        dynamics_adapter=True,
+        ip_adapter_tokens=4,
+        motion_modules=True,
+        motion_max_len=24,
+        motion_norm_groups=8,
+        groupnorm_over_frames=True,
+        skip_reference_frame=True,
+    )
+    encoder = {k: TINY_UNET[k] for k in TINY_UNET if k != "up_block_types"}
+    pose_cn = ControlNetConfig(
+        **encoder, conditioning_channels=3, conditioning_embedding_out_channels=(8, 16)
+    )
+    face_cn = ControlNetConfig(
+        **encoder, conditioning_channels=6, conditioning_embedding_out_channels=(8, 16)
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=16
+    )
+    resampler = ResamplerConfig(
+        dim=16, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=cross
+    )
+    text = CLIPTextConfig(**dict(TINY_CLIP, hidden_size=cross))
+    return XDyna(
+        denoiser=XDynaDenoiser(
+            _random_model(UNet, unet, 0),
+            _random_model(ControlNetModel, pose_cn, 1),
+            _random_model(ControlNetModel, face_cn, 2),
+        ),
+        vae=_random_model(AutoencoderKL, VAEConfig(**TINY_VAE), 3),
+        text_encoder=_random_model(CLIPTextModel, text, 4),
+        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")),
+        image_encoder=_random_model(CLIPVisionModelWithProjection, vision, 5),
+        resampler=_random_model(Resampler, resampler, 6),
+        scheduler=XDYNA_SCHEDULER,
+        manifest={"kind": "xdyna"},
+    )
+
+
+def save_xdyna_folder(parts, folder, *, face=True):
+    """`parts` (an XDyna, e.g. `tiny_xdyna`) saved as the pipeline folder `convert xdyna` writes (the tiny
+    tokenizer written afresh); face=False leaves out controlnet_face/."""
+    from xdyna_jax import save
+
+    folder.mkdir(parents=True)
+    models = {
+        "unet": parts.denoiser.unet,
+        "controlnet_pose": parts.denoiser.pose_controlnet,
+        "controlnet_face": parts.denoiser.face_controlnet if face else None,
+        "vae": parts.vae,
+        "text_encoder": parts.text_encoder,
+        "image_encoder": parts.image_encoder,
+        "resampler": parts.resampler,
+    }
+    for name, module in models.items():
+        if module is not None:
+            save(module, folder / name)
+    write_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler.to_diffusers()))
+    (folder / "manifest.json").write_text(json.dumps(dict(parts.manifest)))
+    return folder

@@ -12,6 +12,7 @@ from oracle import rel_err, release_context_windows
 from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER
 from xdyna_jax.sampling.loop import denoise, draw_window_offsets, window_batches
 from xdyna_jax.schedulers import DDIMScheduler
+from xdyna_jax.sharding import make_mesh
 
 N, H, W, C = 40, 2, 3, 4
 STEPS, GUIDANCE = 3, 7.5
@@ -100,3 +101,20 @@ def test_bad_loop_arguments_are_refused():
         denoise(stand_in, PARAMS, x, scheduler, [961, 921], guidance=1.0, offsets=[0])
     with pytest.raises(ValueError, match="N >= 1 driven frames"):
         denoise(stand_in, PARAMS, x[:1], scheduler, [961], guidance=1.0, offsets=[0])
+
+
+def test_windows_split_over_eight_devices_give_the_same_video():
+    assert jax.device_count() == 8  # tests/conftest.py simulates 8 CPU devices
+    latents = jnp.asarray(np.random.default_rng(4).standard_normal((1 + N, H, W, C)), jnp.float32)
+    scheduler = DDIMScheduler(XDYNA_SCHEDULER)
+    run = dict(guidance=GUIDANCE, offsets=draw_window_offsets(jax.random.key(5), STEPS))
+    one = denoise(stand_in, PARAMS, latents, scheduler, scheduler.timesteps(STEPS), **run)
+    mesh = make_mesh(data=8)
+    eight = denoise(
+        stand_in, PARAMS, latents, scheduler, scheduler.timesteps(STEPS), window_batch=8, mesh=mesh, **run
+    )
+    assert float(jnp.abs(eight - one).max()) <= 1e-6
+    with pytest.raises(ValueError, match="multiple of the mesh's data axis"):
+        denoise(
+            stand_in, PARAMS, latents, scheduler, [961], guidance=1.0, offsets=[0], window_batch=3, mesh=mesh
+        )

@@ -25,6 +25,7 @@ import numpy as np
 
 from xdyna_jax.sampling.windows import context_windows, frame_counts
 from xdyna_jax.schedulers import DDIMScheduler
+from xdyna_jax.sharding import along, replicated
 
 # window_fn(params, windows (W, 1 + L, h, w, C), timestep () int32, frames (W, L) int32)
 #   -> (2, W, 1 + L, h, w, C): the unconditional and conditional noise predictions. `params` is any pytree
@@ -85,11 +86,15 @@ def denoise(
     eta: float = 0.0,
     noise_keys: jax.Array | None = None,
     progress: Callable[[int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """latents (1 + N, h, w, C) with frame 0 the clean reference -> the denoised latents, same shape.
 
     offsets: one window shift per step (`draw_window_offsets`); noise_keys: (steps,) keys when eta > 0.
     progress: called with the number of window batches done after each batch (e.g. a tqdm update).
+    mesh: the windows of a batch are split over its `data` axis (window_batch must be a multiple of its
+    size); weights, conditions and latents are replicated. The windows are independent, so the video is
+    the same on any number of devices.
     """
     timesteps = [int(t) for t in timesteps]
     if latents.ndim != 4 or latents.shape[0] < 2:
@@ -102,14 +107,25 @@ def denoise(
         raise ValueError("eta > 0 needs one noise key per step (noise_keys)")
     num_frames = latents.shape[0] - 1
     step_fn = _accumulate(window_fn)
+    place_windows = place = lambda x: x
+    if mesh is not None:
+        devices = mesh.shape["data"]
+        if window_batch % devices:
+            raise ValueError(
+                f"window_batch {window_batch} must be a multiple of the mesh's data axis ({devices})"
+            )
+        place = lambda x: jax.device_put(x, replicated(mesh))
+        place_windows = lambda x: jax.device_put(x, along(mesh, "data"))
+        params, latents = place(params), place(latents)
     for i, t in enumerate(timesteps):
         windows = context_windows(
             num_frames, window=window, overlap=overlap, offset=int(offsets[i]) if num_frames > window else 0
         )
         counts = jnp.asarray(frame_counts(windows, num_frames), jnp.float32)
-        total = jnp.zeros((2, num_frames, *latents.shape[1:]), jnp.float32)
+        total = place(jnp.zeros((2, num_frames, *latents.shape[1:]), jnp.float32))
         for frames, valid in zip(*window_batches(windows, window_batch), strict=True):
-            total = step_fn(params, latents, jnp.int32(t), jnp.asarray(frames), jnp.asarray(valid), total)
+            frames, valid = place_windows(jnp.asarray(frames)), place_windows(jnp.asarray(valid))
+            total = step_fn(params, latents, jnp.int32(t), frames, valid, total)
             if progress is not None:
                 progress(1)
         uncond, cond = total / counts[None, :, None, None, None]

@@ -163,9 +163,17 @@ class XDynaPipeline:
         eta: float = 0.0,
         draws: Draws | None = None,
         progress: Callable[[int], None] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        output: str = "uint8",
     ) -> np.ndarray:
         """reference_image uint8 (h, w, 3) RGB; poses uint8 (N', H, W, 3) rendered skeletons; faces (N', H, W, 6)
-        S-Face maps or None -> uint8 frames (num_frames, H, W, 3) for the first num_frames driving frames."""
+        S-Face maps or None -> uint8 frames (num_frames, H, W, 3) for the first num_frames driving frames.
+
+        mesh: split each batch of `window_batch` windows over the mesh's `data` axis (several devices).
+        output: "uint8" frames, or "float" frames in [0, 1] (float32, before rounding).
+        """
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         n = self._check(reference_image, poses, faces, num_frames, height, width)
         p = self.parts
         draws = draws or Draws.from_seed(seed, steps, window, eta)
@@ -189,19 +197,20 @@ class XDynaPipeline:
         latents = denoise(
             self._window_fn, (weights, conds), latents, self.scheduler, timesteps, guidance=guidance,
             offsets=draws.offsets, window=window, overlap=overlap, window_batch=window_batch,
-            eta=eta, noise_keys=draws.eta, progress=progress,
+            eta=eta, noise_keys=draws.eta, progress=progress, mesh=mesh,
         )  # fmt: skip
-        return self.decode(latents[1:], decode_batch)
+        frames = self.decode(latents[1:], decode_batch)
+        return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
 
     def decode(self, latents: jax.Array, batch: int = 4) -> np.ndarray:
-        """Latents (N, h, w, C) -> uint8 frames, `batch` frames per VAE call (one compile: the last is padded)."""
+        """Latents (N, h, w, C) -> float32 frames in [0, 1], `batch` frames per VAE call (one compile: the last
+        batch is padded)."""
         frames = []
         for i in range(0, len(latents), batch):
             z = latents[i : i + batch]
             padded = jnp.concatenate([z, jnp.repeat(z[-1:], batch - len(z), axis=0)]) if len(z) < batch else z
             frames.append(np.asarray(_decode(self.parts.vae, padded))[: len(z)])
-        images = np.concatenate(frames)
-        return np.round(np.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8)
+        return np.clip(np.concatenate(frames) / 2 + 0.5, 0.0, 1.0)
 
 
 def num_window_calls(

@@ -1,0 +1,282 @@
+"""Animate a reference photo with a driving pose (and face) sequence: the X-Dyna sampler's command line.
+
+    python sample.py --model bundles/xdyna --reference me.png --pose dance_pose.mp4 --out me_dance.mp4
+    python sample.py --model bundles/xdyna --reference me.png --pose keypoints/ --stride 2 --frames 48 \\
+        --face dance.mp4 --landmarks dance_landmarks.npy --grid me_dance_grid.mp4 --dtype bf16
+
+Pose sources: a rendered skeleton video, a folder of OpenPose JSON files, or a DWPose-style keypoint .npy.
+Face: the driving video and its (T, 68, 2) landmarks (`--landmarks`, in the video's pixels), or landmarks
+found with face_alignment from weights already on disk. Every source is read at the same `--stride`; the
+video plays at the source's fps divided by the stride (15 fps when the source records none).
+
+Every input is checked before anything is compiled: a bad one stops the run with one `error: ...` line on
+stderr and exit status 2, and nothing is written. Videos appear atomically (a failed run leaves no file).
+JAX's persistent compilation cache is on by default, so a second run of the same shapes skips compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("sample")
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# The release saves at 15 fps whatever the driving video's rate; we use it when the source records none.
+DEFAULT_FPS = 15.0
+# The release's context windows.
+WINDOW, OVERLAP = 16, 4
+
+
+class UsageError(ValueError):
+    """An input or option that makes the run impossible; reported as one line before any work."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Animate a reference image with a driving pose (and face) sequence (X-Dyna)."
+    )
+    p.add_argument("--model", required=True, help="pipeline bundle folder (python -m convert xdyna)")
+    p.add_argument("--reference", required=True, help="reference photo (any image format imageio reads)")
+    p.add_argument(
+        "--pose", required=True, help="skeleton video, folder of OpenPose JSON, or DWPose-style .npy"
+    )
+    p.add_argument("--face", help="driving video for the S-Face maps (needs a controlnet_face/ bundle)")
+    p.add_argument("--landmarks", help="(T, 68, 2) .npy face landmarks per driving frame of --face")
+    p.add_argument("--out", required=True, help="output mp4")
+    p.add_argument("--grid", help="also write pose | face maps | result side by side to this mp4")
+    p.add_argument("--frames", type=int, help="driven frames (default: every driving frame at the stride)")
+    p.add_argument("--stride", type=int, default=1, help="use every S-th driving frame (default 1)")
+    p.add_argument("--fps", type=float, help="output fps (default: the source's fps / stride, else 15)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--height", type=int, default=896)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    p.add_argument(
+        "--window-batch", type=int, help="context windows per compiled call (default: the device count)"
+    )
+    p.add_argument("--devices", type=int, help="split window batches over this many devices (default all)")
+    p.add_argument("--compile-cache-dir", help="JAX persistent compilation cache (default: a user cache dir)")
+    p.add_argument("--no-compile-cache", action="store_true", help="turn the compilation cache off")
+    return p
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "xdyna_jax" / "jax_compilation_cache"
+
+
+def configure_compile_cache(directory: str | Path | None) -> None:
+    """Persist every compiled program under `directory` (small ones too); None turns the cache off."""
+    import jax
+
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # JAX skips programs that compile in under a second; the window step of a small run is one of them
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _check_options(args) -> None:
+    """Checks that need no file: cheap, so they come first."""
+    positive = {"--stride": args.stride, "--steps": args.steps}
+    if args.frames is not None:
+        positive["--frames"] = args.frames
+    if args.window_batch is not None:
+        positive["--window-batch"] = args.window_batch
+    if args.devices is not None:
+        positive["--devices"] = args.devices
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.fps is not None and not args.fps > 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    if args.height < 1 or args.width < 1:
+        raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
+    if args.landmarks and not args.face:
+        raise UsageError("--landmarks gives the landmarks of the --face video: pass --face too")
+    for flag in ("model", "reference", "pose", "face", "landmarks"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            raise UsageError(f"--{flag} {value}: no such file or folder")
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4" or (args.grid and Path(args.grid).suffix.lower() != ".mp4"):
+        raise UsageError("--out and --grid must name .mp4 files")
+    if args.grid and Path(args.grid).resolve() == out.resolve():
+        raise UsageError("--grid must differ from --out")
+
+
+def _check_bundle_folders(args) -> None:
+    """The pipeline kind and the parts the options need, from the folder alone (before loading weights)."""
+    from xdyna_jax.sampling.bundles import read_manifest
+
+    kind = read_manifest(args.model)["kind"]
+    if kind != "xdyna":
+        raise UsageError(f"--model {args.model} is a {kind!r} pipeline; sample.py samples 'xdyna' pipelines")
+    if args.face and not (Path(args.model) / "controlnet_face").is_dir():
+        raise UsageError(
+            f"--face needs an S-Face ControlNet, but {args.model} has no controlnet_face/ bundle"
+        )
+
+
+def _face_landmarks(args) -> np.ndarray | object:
+    """--landmarks as an array, else a face_alignment extractor built from weights already on disk."""
+    from xdyna_jax.io.driving import read_landmarks
+
+    if args.landmarks:
+        return read_landmarks(args.landmarks)
+    from xdyna_jax.conditioning.extractors import ExtractorUnavailable, FaceAlignmentLandmarks
+
+    try:
+        return FaceAlignmentLandmarks()
+    except (ExtractorUnavailable, FileNotFoundError) as e:
+        raise UsageError(
+            f"--face without --landmarks finds landmarks with face_alignment from local weights: {e}"
+        ) from e
+
+
+def prepare(args):
+    """Every check and input read; returns what the run needs. Raises before any compile."""
+    from xdyna_jax.bundle import BundleError
+    from xdyna_jax.io.driving import read_face_maps, read_pose_source
+    from xdyna_jax.io.video import MediaError, read_image, video_fps
+
+    try:
+        _check_options(args)
+        _check_bundle_folders(args)
+        height, width = args.height, args.width
+        reference = read_image(args.reference)
+        poses, source_fps = read_pose_source(args.pose, height, width, stride=args.stride, limit=args.frames)
+        if args.frames is not None and len(poses) < args.frames:
+            raise UsageError(
+                f"--pose {args.pose} has {len(poses)} frames at stride {args.stride}; --frames asks for {args.frames}"
+            )
+        local = glob = None
+        if args.face:
+            landmarks = _face_landmarks(args)
+            local, glob = read_face_maps(
+                args.face, landmarks, height, width, stride=args.stride, limit=args.frames
+            )
+            if len(local) != len(poses):
+                raise UsageError(
+                    f"the pose sequence ({args.pose}) has {len(poses)} frames at stride {args.stride} but the "
+                    f"face video ({args.face}) has {len(local)}"
+                )
+            source_fps = source_fps or video_fps(args.face)
+        pipe = _load_pipeline(args)
+        m = pipe.size_multiple
+        if height % m or width % m:
+            raise UsageError(f"--height and --width must be multiples of {m}, got {height}x{width}")
+    except (UsageError, MediaError, BundleError) as e:
+        raise UsageError(str(e)) from e
+    fps = args.fps or (source_fps / args.stride if source_fps else DEFAULT_FPS)
+    return pipe, reference, poses, local, glob, fps
+
+
+def _load_pipeline(args):
+    from xdyna_jax.nn.compute import Compute
+    from xdyna_jax.sampling import XDyna, load_pipeline
+    from xdyna_jax.sampling.xdyna import XDynaPipeline
+
+    start = time.perf_counter()
+    parts = load_pipeline(args.model, compute=Compute(dtype=DTYPES[args.dtype]))
+    if not isinstance(parts, XDyna):  # only "xdyna" is registered today; other kinds get their own sampler
+        raise UsageError(f"--model {args.model}: sample.py cannot sample a {type(parts).__name__} pipeline")
+    pipe = XDynaPipeline(parts)
+    p = pipe.parts
+    if args.face and p.denoiser.face_controlnet is None:
+        raise UsageError(f"--face needs an S-Face ControlNet, but {args.model} has none")
+    if p.denoiser.pose_controlnet is None:
+        raise UsageError(f"{args.model} has no controlnet_pose/ bundle: nothing would follow --pose")
+    if p.denoiser.unet.config.ip_adapter_tokens and (p.image_encoder is None or p.resampler is None):
+        raise UsageError(
+            f"{args.model}: its UNet takes IP-Adapter tokens but it has no image_encoder/resampler"
+        )
+    if p.tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer/ folder")
+    log.info("loaded %s (%s) in %.1f s", args.model, args.dtype, time.perf_counter() - start)
+    return pipe
+
+
+def _mesh_and_batch(args):
+    """The `data` mesh over the devices asked for (None for one) and the windows per call, a multiple of it."""
+    import jax
+
+    from xdyna_jax.sharding import make_mesh
+
+    available = len(jax.devices())
+    devices = min(args.devices or available, available)
+    batch = args.window_batch or devices
+    if batch % devices:
+        raise UsageError(f"--window-batch {batch} must be a multiple of the {devices} devices used")
+    mesh = make_mesh(data=devices, devices=jax.devices()[:devices]) if devices > 1 else None
+    return mesh, batch
+
+
+def grid_frames(poses, local, glob, result) -> np.ndarray:
+    """pose | local face map | global face map | result, side by side (face maps only when given)."""
+    columns = [poses[: len(result)]]
+    if local is not None:
+        columns += [local[: len(result)], glob[: len(result)]]
+    return np.concatenate([*columns, result], axis=2)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from xdyna_jax.conditioning.face import face_condition
+    from xdyna_jax.io.video import write_video
+    from xdyna_jax.sampling.xdyna import num_window_calls
+
+    try:
+        pipe, reference, poses, local, glob, fps = prepare(args)
+        mesh, window_batch = _mesh_and_batch(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(poses)
+    faces = None if local is None else face_condition(local, glob)
+    log.info(
+        "%d frames at %g fps (%.2f s of video), %dx%d, %d steps, guidance %g, seed %d",
+        n, fps, n / fps, args.height, args.width, args.steps, args.guidance, args.seed,
+    )  # fmt: skip
+    total = num_window_calls(n, args.steps, WINDOW, OVERLAP, window_batch)
+    start = time.perf_counter()
+    with tqdm(total=total, desc="denoising", unit="call", file=sys.stderr) as bar:
+        frames = pipe(
+            reference, poses, faces, num_frames=n, steps=args.steps, guidance=args.guidance,
+            seed=args.seed, height=args.height, width=args.width, window=WINDOW, overlap=OVERLAP,
+            window_batch=window_batch, mesh=mesh, progress=bar.update,
+        )  # fmt: skip
+    log.info("sampled in %.1f s", time.perf_counter() - start)
+    write_video(args.out, frames, fps=fps)
+    log.info("wrote %s (seed %d)", args.out, args.seed)
+    if args.grid:
+        write_video(args.grid, grid_frames(poses, local, glob, frames), fps=fps)
+        log.info("wrote %s", args.grid)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_compile_cache(
+        None if args.no_compile_cache else (args.compile_cache_dir or default_cache_dir())
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
