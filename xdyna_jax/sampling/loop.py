@@ -46,7 +46,7 @@ def window_batches(windows: np.ndarray, window_batch: int) -> tuple[np.ndarray, 
 
 
 @functools.cache
-def _accumulate(window_fn: WindowFn):
+def compiled_window_step(window_fn: WindowFn):
     """The compiled window step: gather the windows, predict, add the valid predictions per frame.
 
     Cached per window function, so later videos of the same shapes reuse the compiled step.
@@ -106,7 +106,7 @@ def denoise(
     if eta > 0 and (noise_keys is None or len(noise_keys) != len(timesteps)):
         raise ValueError("eta > 0 needs one noise key per step (noise_keys)")
     num_frames = latents.shape[0] - 1
-    step_fn = _accumulate(window_fn)
+    step_fn = compiled_window_step(window_fn)
     place_windows = place = lambda x: x
     if mesh is not None:
         devices = mesh.shape["data"]

@@ -86,7 +86,7 @@ class XDynaPipeline:
         self.scheduler = DDIMScheduler(parts.scheduler)
         self._graph = nnx.split(parts.denoiser)[0]
 
-    def _window_fn(self, params, windows, t, frames):
+    def window_fn(self, params, windows, t, frames):
         """(2, W, 1 + L, ...) noise predictions [uncond; cond] of W windows; one function per pipeline, so the
         compiled window step is reused by every call of the same shapes."""
         weights, conds = params
@@ -106,8 +106,9 @@ class XDynaPipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32") -> XDynaPipeline:
-        """A converted X-Dyna bundle (`python -m convert xdyna`); dtype is the compute (activation) dtype."""
-        return cls(load_xdyna(path, compute=Compute(dtype=dtype)))
+        """A converted X-Dyna bundle (`python -m convert xdyna`). dtype is the compute dtype; in bfloat16 the
+        frozen weights are also cast while loading, halving what stays resident."""
+        return cls(load_xdyna(path, compute=Compute(dtype=dtype), param_dtype=dtype))
 
     @property
     def size_multiple(self) -> int:
@@ -195,7 +196,7 @@ class XDynaPipeline:
         latents = initial_latents(reference, n, self.scheduler, int(timesteps[0]), key=draws.init)
         _, weights = nnx.split(p.denoiser)
         latents = denoise(
-            self._window_fn, (weights, conds), latents, self.scheduler, timesteps, guidance=guidance,
+            self.window_fn, (weights, conds), latents, self.scheduler, timesteps, guidance=guidance,
             offsets=draws.offsets, window=window, overlap=overlap, window_batch=window_batch,
             eta=eta, noise_keys=draws.eta, progress=progress, mesh=mesh,
         )  # fmt: skip
