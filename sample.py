@@ -2,7 +2,7 @@
 
     python sample.py --model bundles/xdyna --reference me.png --pose dance_pose.mp4 --out me_dance.mp4
     python sample.py --model bundles/xdyna --reference me.png --pose keypoints/ --stride 2 --frames 48 \\
-        --face dance.mp4 --landmarks dance_landmarks.npy --grid me_dance_grid.mp4 --dtype bf16
+        --face dance.mp4 --landmarks dance_landmarks.npy --grid me_dance_grid.mp4 --frames-dir me_dance/ --dtype bf16
 
 Pose sources: a rendered skeleton video, a folder of OpenPose JSON files, or a DWPose-style keypoint .npy.
 Face: the driving video and its (T, 68, 2) landmarks (`--landmarks`, in the video's pixels), or landmarks
@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", help="(T, 68, 2) .npy face landmarks per driving frame of --face")
     p.add_argument("--out", required=True, help="output mp4")
     p.add_argument("--grid", help="also write pose | face maps | result side by side to this mp4")
+    p.add_argument("--frames-dir", help="also write the result frames as PNGs into this new folder")
     p.add_argument("--frames", type=int, help="driven frames (default: every driving frame at the stride)")
     p.add_argument("--stride", type=int, default=1, help="use every S-th driving frame (default 1)")
     p.add_argument("--fps", type=float, help="output fps (default: the source's fps / stride, else 15)")
@@ -116,6 +118,8 @@ def _check_options(args) -> None:
         raise UsageError("--out and --grid must name .mp4 files")
     if args.grid and Path(args.grid).resolve() == out.resolve():
         raise UsageError("--grid must differ from --out")
+    if args.frames_dir and Path(args.frames_dir).exists():
+        raise UsageError(f"--frames-dir {args.frames_dir} already exists")
 
 
 def _check_bundle_folders(args) -> None:
@@ -191,7 +195,9 @@ def _load_pipeline(args):
     from xdyna_jax.sampling.xdyna import XDynaPipeline
 
     start = time.perf_counter()
-    parts = load_pipeline(args.model, compute=Compute(dtype=DTYPES[args.dtype]))
+    dtype = DTYPES[args.dtype]
+    # frozen weights are cast to the compute dtype while loading: a bf16 run keeps half the bytes resident
+    parts = load_pipeline(args.model, compute=Compute(dtype=dtype), param_dtype=dtype)
     if not isinstance(parts, XDyna):  # only "xdyna" is registered today; other kinds get their own sampler
         raise UsageError(f"--model {args.model}: sample.py cannot sample a {type(parts).__name__} pipeline")
     pipe = XDynaPipeline(parts)
@@ -237,7 +243,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from xdyna_jax.conditioning.face import face_condition
-    from xdyna_jax.io.video import write_video
+    from xdyna_jax.io.video import write_frames, write_video
     from xdyna_jax.sampling.xdyna import num_window_calls
 
     try:
@@ -266,12 +272,22 @@ def run(args) -> int:
     if args.grid:
         write_video(args.grid, grid_frames(poses, local, glob, frames), fps=fps)
         log.info("wrote %s", args.grid)
+    if args.frames_dir:
+        write_frames(args.frames_dir, frames)
+        log.info("wrote %d frames to %s", len(frames), args.frames_dir)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # JAX warns on every fork; ffmpeg's child process execs straight away, which is safe
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    if not log.handlers:  # our lines only: the libraries' INFO logs (orbax's per-file loads) stay quiet
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # a library may have configured the root logger: print each line once
     configure_compile_cache(
         None if args.no_compile_cache else (args.compile_cache_dir or default_cache_dir())
     )

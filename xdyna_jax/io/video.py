@@ -1,8 +1,9 @@
-"""Images and videos as uint8 RGB arrays, through imageio (its ffmpeg plugin for videos).
+"""Images and videos as uint8 RGB arrays: images through Pillow, videos through imageio's ffmpeg plugin.
 
     image = read_image("ref.png")                  # (H, W, 3)
     frames, fps = read_video("drive.mp4")          # (T, H, W, 3), frames per second (None if unknown)
     write_video("out.mp4", frames, fps=15)         # appears atomically
+    write_frames("out_frames", frames)             # 000000.png, ... (also atomically)
 
 Every reader raises `MediaError` naming the file when it is missing, unreadable or empty, so a command line
 tool can stop before doing any work. `write_video` encodes into a temporary file beside the target and renames
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
+from PIL import Image, ImageOps
 
 
 class MediaError(ValueError):
@@ -39,15 +42,17 @@ def _rgb(image: np.ndarray, where: str) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB (alpha dropped, grey expanded)."""
+    """An image file -> uint8 (H, W, 3) RGB: alpha dropped, grey and palette expanded, and a camera's EXIF
+    orientation applied (a phone photo stored sideways comes out upright)."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"{path}: no such image file")
     try:
-        image = imageio.imread(path)
-    except Exception as e:  # imageio raises plugin-specific errors for corrupt or unknown formats
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(image.convert("RGB"))
+    except Exception as e:  # Pillow raises format-specific errors for corrupt or unknown files
         raise MediaError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from e
-    return _rgb(image, str(path))
 
 
 def video_fps(path: str | Path) -> float | None:
@@ -92,6 +97,12 @@ def read_video(
     return np.stack(frames), (float(fps) if fps else None)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float, quality: int = 8) -> Path:
     """uint8 (T, H, W, 3) RGB frames -> an H.264 mp4 at `fps`, written to a temporary sibling and renamed
     into place (the target is replaced only once the whole video is encoded).
@@ -112,13 +123,40 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float, quality: in
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
     os.close(fd)
     try:
-        with imageio.get_writer(
+        writer = imageio.get_writer(
             tmp, format="FFMPEG", fps=fps, codec="libx264", quality=quality, macro_block_size=1
-        ) as writer:
+        )
+        try:
             for frame in frames:
                 writer.append_data(frame)
+        except BaseException:
+            # imageio's context manager skips close() on an error, leaving ffmpeg to write the file later
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
+        writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the video gets the usual mode
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return path
+
+
+def write_frames(directory: str | Path, frames: np.ndarray) -> Path:
+    """uint8 (T, H, W, 3) RGB frames -> directory/000000.png, ...; the folder is filled under a temporary
+    name beside it and renamed into place, so it appears complete or not at all. It must not exist yet."""
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for i, frame in enumerate(np.asarray(frames)):
+            Image.fromarray(frame).save(tmp / f"{i:06d}.png")
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
