@@ -5,7 +5,8 @@
 
 The step is the one `XDynaPipeline` compiles: the pose and S-Face ControlNets on the 16 driven frames (once
 for both CFG halves), the X-Dyna UNet (SD 1.5 + Dynamics-Adapter + IP-Adapter 16 tokens + AnimateDiff v1)
-on [reference ; 16 frames] x 2 halves, and the per-frame accumulation. Peak memory per device is XLA's
+on [reference ; 16 frames] for each CFG half (one half after the other, as the pipeline runs them by
+default), and the per-frame accumulation. Peak memory per device is XLA's
 compiled memory analysis (arguments + outputs + temporaries - aliased); bf16 stores the frozen weights in
 bf16 and computes in bf16. FLOPs come from a compile with the "xla" attention backend, whose softmax is not
 inside a loop (XLA's cost analysis counts a loop body once, so the default "chunked" backend under-counts).
@@ -26,7 +27,7 @@ GIB = 2**30
 FRAMES, HEIGHT, WIDTH, TEXT, IP = 16, 896, 512, 77, 16
 
 
-def _window_step(dtype: str, attention: str):
+def _window_step(dtype: str, attention: str, sequential_cfg: bool = True):
     """(the compiled-to-be window step, its abstract arguments) at full size."""
     from configs.models import model_configs
     from configs.xdyna_sd15 import get_config
@@ -47,7 +48,7 @@ def _window_step(dtype: str, attention: str):
         shape_only_model(ControlNetModel, cfgs["controlnet_face"]),
     )
     parts = XDyna(denoiser, None, None, None, None, None, XDYNA_SCHEDULER, {})
-    pipe = XDynaPipeline(parts)
+    pipe = XDynaPipeline(parts, sequential_cfg=sequential_cfg)
     param_dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     weights = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), nnx.split(denoiser)[1]
@@ -83,7 +84,7 @@ def measure(dtype: str, flops: bool) -> dict:
     )
     tflops = float("nan")
     if flops:
-        step, args = _window_step(dtype, "xla")
+        step, args = _window_step(dtype, "xla", sequential_cfg=False)  # no loop: every FLOP counted
         cost = step.lower(*args).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         tflops = float(cost.get("flops", 0.0)) / 1e12
