@@ -2,7 +2,7 @@
 
     python -m bench.convert_memory                  # full size (11.5 GiB of fakes under the temp dir)
     python -m bench.convert_memory --scale 0.5      # every width halved: about a quarter of the bytes
-    python -m bench.convert_memory --keep /tmp/fx   # keep (and reuse) the fakes in /tmp/fx
+    python -m bench.convert_memory --keep fakes/     # keep (and reuse) the fakes in fakes/
 
 The fakes are random weights in the release's file layouts: an SD 1.5 diffusers folder (unet, vae,
 text_encoder as safetensors), the X-Dyna UNet .ckpt (`state_dict` wrapper, DDP `module.` prefixes, motion

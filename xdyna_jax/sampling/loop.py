@@ -15,7 +15,6 @@ a last, partial batch of windows is padded with copies whose predictions are mas
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,11 +44,11 @@ def window_batches(windows: np.ndarray, window_batch: int) -> tuple[np.ndarray, 
     return padded.reshape(-1, window_batch, windows.shape[1]), valid.reshape(-1, window_batch)
 
 
-@functools.cache
 def compiled_window_step(window_fn: WindowFn):
     """The compiled window step: gather the windows, predict, add the valid predictions per frame.
 
-    Cached per window function, so later videos of the same shapes reuse the compiled step.
+    Build it once and pass it to every `denoise` call (`compiled_step=`) so later videos of the same shapes
+    reuse it; the caller owns it (a global cache would keep the caller's weights alive).
     """
 
     @jax.jit
@@ -87,6 +86,7 @@ def denoise(
     noise_keys: jax.Array | None = None,
     progress: Callable[[int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    compiled_step: Callable | None = None,
 ) -> jax.Array:
     """latents (1 + N, h, w, C) with frame 0 the clean reference -> the denoised latents, same shape.
 
@@ -95,6 +95,7 @@ def denoise(
     mesh: the windows of a batch are split over its `data` axis (window_batch must be a multiple of its
     size); weights, conditions and latents are replicated. The windows are independent, so the video is
     the same on any number of devices.
+    compiled_step: `compiled_window_step(window_fn)` made once by the caller, reused across calls.
     """
     timesteps = [int(t) for t in timesteps]
     if latents.ndim != 4 or latents.shape[0] < 2:
@@ -106,7 +107,7 @@ def denoise(
     if eta > 0 and (noise_keys is None or len(noise_keys) != len(timesteps)):
         raise ValueError("eta > 0 needs one noise key per step (noise_keys)")
     num_frames = latents.shape[0] - 1
-    step_fn = compiled_window_step(window_fn)
+    step_fn = compiled_step or compiled_window_step(window_fn)
     place_windows = place = lambda x: x
     if mesh is not None:
         devices = mesh.shape["data"]

@@ -31,7 +31,7 @@ from xdyna_jax.conditioning.face import normalize_frames
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import XDyna, load_xdyna
 from xdyna_jax.sampling.init_latents import initial_latents
-from xdyna_jax.sampling.loop import denoise, draw_window_offsets, window_batches
+from xdyna_jax.sampling.loop import compiled_window_step, denoise, draw_window_offsets, window_batches
 from xdyna_jax.sampling.windows import context_windows
 from xdyna_jax.schedulers import DDIMScheduler
 
@@ -87,10 +87,10 @@ class XDynaPipeline:
         self.sequential_cfg = sequential_cfg
         self.scheduler = DDIMScheduler(parts.scheduler)
         self._graph = nnx.split(parts.denoiser)[0]
+        self._step = compiled_window_step(self.window_fn)  # every call of the same shapes reuses its compile
 
     def window_fn(self, params, windows, t, frames):
-        """(2, W, 1 + L, ...) noise predictions [uncond; cond] of W windows; one function per pipeline, so the
-        compiled window step is reused by every call of the same shapes."""
+        """(2, W, 1 + L, ...) noise predictions [uncond; cond] of W windows."""
         weights, conds = params
         denoiser = nnx.merge(self._graph, weights)
         w = windows.shape[0]
@@ -210,7 +210,7 @@ class XDynaPipeline:
         latents = denoise(
             self.window_fn, (weights, conds), latents, self.scheduler, timesteps, guidance=guidance,
             offsets=draws.offsets, window=window, overlap=overlap, window_batch=window_batch,
-            eta=eta, noise_keys=draws.eta, progress=progress, mesh=mesh,
+            eta=eta, noise_keys=draws.eta, progress=progress, mesh=mesh, compiled_step=self._step,
         )  # fmt: skip
         frames = self.decode(latents[1:], decode_batch)
         return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
