@@ -3,11 +3,20 @@
     python sample.py --model bundles/xdyna --reference me.png --pose dance_pose.mp4 --out me_dance.mp4
     python sample.py --model bundles/xdyna --reference me.png --pose keypoints/ --stride 2 --frames 48 \\
         --face dance.mp4 --landmarks dance_landmarks.npy --grid me_dance_grid.mp4 --frames-dir me_dance/ --dtype bf16
+    python sample.py --model bundles/xdyna --reference me.png --pose dance.mp4 --face dance.mp4 \\
+        --dwpose yolox_l.onnx dw-ll_ucoco_384.onnx --align-pose --out me_dance.mp4
 
-Pose sources: a rendered skeleton video, a folder of OpenPose JSON files, or a DWPose-style keypoint .npy.
-Face: the driving video and its (T, 68, 2) landmarks (`--landmarks`, in the video's pixels), or landmarks
-found with face_alignment from weights already on disk. Every source is read at the same `--stride`; the
-video plays at the source's fps divided by the stride (15 fps when the source records none).
+Pose sources: a rendered skeleton video, a folder of OpenPose JSON files, a DWPose-style keypoint .npy, or,
+with `--dwpose DET.onnx POSE.onnx`, the raw driving video (DWPose finds the keypoints in every frame used).
+Keypoint files are taken as framed for the output (pixels of the H x W canvas, or fractions of it); points
+found in a video or photo follow that image's crop and resize onto the canvas (see xdyna_jax/io/driving.py).
+`--align-pose` gives the driving person the reference's proportions and place (`align_poses`, method
+`--align-method`, default limbs); it needs keypoints on both sides: a keypoint source or `--dwpose` for the
+driving pose, and `--reference-pose FILE` (OpenPose JSON or a one-frame .npy, in the photo's pixels) or
+`--dwpose` for the reference. Face: the driving video and its (T, 68, 2) landmarks (`--landmarks`, in the
+video's pixels), or landmarks found with face_alignment from weights already on disk. Every source is read
+at the same `--stride`; the video plays at the source's fps divided by the stride (15 fps when the source
+records none).
 
 Every input is checked before anything is compiled: a bad one stops the run with one `error: ...` line on
 stderr and exit status 2, and nothing is written. Videos appear atomically (a failed run leaves no file).
@@ -46,7 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pipeline bundle folder (python -m convert xdyna)")
     p.add_argument("--reference", required=True, help="reference photo (any image format imageio reads)")
     p.add_argument(
-        "--pose", required=True, help="skeleton video, folder of OpenPose JSON, or DWPose-style .npy"
+        "--pose",
+        required=True,
+        help="skeleton video, folder of OpenPose JSON, DWPose-style .npy, or a raw video with --dwpose",
+    )
+    p.add_argument(
+        "--dwpose",
+        nargs=2,
+        metavar=("DET.onnx", "POSE.onnx"),
+        help="DWPose ONNX detector and pose models: find keypoints in a raw --pose video (and the reference)",
+    )
+    p.add_argument(
+        "--align-pose", action="store_true", help="align the driving pose to the reference person's body"
+    )
+    p.add_argument(
+        "--reference-pose", help="the reference's keypoints for --align-pose: OpenPose .json or 1-frame .npy"
+    )
+    p.add_argument(
+        "--align-method", choices=("limbs", "global"), help="--align-pose: per-limb (default) or one scale"
     )
     p.add_argument("--face", help="driving video for the S-Face maps (needs a controlnet_face/ bundle)")
     p.add_argument("--landmarks", help="(T, 68, 2) .npy face landmarks per driving frame of --face")
@@ -109,10 +135,11 @@ def _check_options(args) -> None:
         raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
     if args.landmarks and not args.face:
         raise UsageError("--landmarks gives the landmarks of the --face video: pass --face too")
-    for flag in ("model", "reference", "pose", "face", "landmarks"):
+    for flag in ("model", "reference", "pose", "face", "landmarks", "reference_pose"):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
-            raise UsageError(f"--{flag} {value}: no such file or folder")
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
+    _check_pose_options(args)
     out = Path(args.out)
     if out.suffix.lower() != ".mp4" or (args.grid and Path(args.grid).suffix.lower() != ".mp4"):
         raise UsageError("--out and --grid must name .mp4 files")
@@ -120,6 +147,47 @@ def _check_options(args) -> None:
         raise UsageError("--grid must differ from --out")
     if args.frames_dir and Path(args.frames_dir).exists():
         raise UsageError(f"--frames-dir {args.frames_dir} already exists")
+
+
+def _check_pose_options(args) -> None:
+    """Which pose flags go together: alignment needs keypoints of both people; no flag may go unused."""
+    from xdyna_jax.io.driving import holds_keypoints
+
+    for flag in ("reference_pose", "align_method"):
+        if getattr(args, flag) is not None and not args.align_pose:
+            raise UsageError(f"--{flag.replace('_', '-')} is an --align-pose option: pass --align-pose too")
+    keypoints = holds_keypoints(args.pose)
+    if args.align_pose and not keypoints and not args.dwpose:
+        raise UsageError(
+            f"--align-pose needs driving keypoints, but --pose {args.pose} is a rendered skeleton video: "
+            "give a keypoint source (OpenPose JSON folder, .npy) or the raw driving video with --dwpose"
+        )
+    if args.align_pose and not args.reference_pose and not args.dwpose:
+        raise UsageError(
+            "--align-pose needs the reference's keypoints: --reference-pose FILE, or --dwpose to find them"
+        )
+    if args.dwpose and keypoints and not (args.align_pose and not args.reference_pose):
+        raise UsageError(
+            f"--dwpose would find nothing: --pose {args.pose} already holds keypoints"
+            + (" and --reference-pose gives the reference's" if args.reference_pose else "")
+        )
+
+
+def _pose_extractor(args):
+    """DWPose from the two --dwpose ONNX files, or None without the flag."""
+    if not args.dwpose:
+        return None
+    from xdyna_jax.conditioning.extractors import DWPoseOnnx, ExtractorUnavailable
+
+    det, pose = args.dwpose
+    try:
+        return DWPoseOnnx(det, pose)
+    except (ExtractorUnavailable, FileNotFoundError) as e:
+        raise UsageError(f"--dwpose: {e}") from e
+    except Exception as e:  # onnxruntime rejecting a file: name both, whichever it was
+        raise UsageError(
+            f"--dwpose {det} {pose}: cannot load the ONNX models ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _check_bundle_folders(args) -> None:
@@ -154,7 +222,7 @@ def _face_landmarks(args) -> np.ndarray | object:
 def prepare(args):
     """Every check and input read; returns what the run needs. Raises before any compile."""
     from xdyna_jax.bundle import BundleError
-    from xdyna_jax.io.driving import read_face_maps, read_pose_source
+    from xdyna_jax.io.driving import read_face_maps, read_pose_source, reference_keypoints
     from xdyna_jax.io.video import MediaError, read_image, video_fps
 
     try:
@@ -162,14 +230,25 @@ def prepare(args):
         _check_bundle_folders(args)
         height, width = args.height, args.width
         reference = read_image(args.reference)
-        poses, source_fps = read_pose_source(args.pose, height, width, stride=args.stride, limit=args.frames)
+        # every extractor is built (its weights found) before the first one runs over a long video
+        extractor = _pose_extractor(args)
+        landmarks = _face_landmarks(args) if args.face else None
+        align_to = None
+        if args.align_pose:  # the reference person on the output canvas, as the pipeline crops the photo
+            pose_file = args.reference_pose
+            align_to = reference_keypoints(
+                reference, height, width, pose_file=pose_file, extractor=None if pose_file else extractor
+            )
+        poses, source_fps = read_pose_source(
+            args.pose, height, width, stride=args.stride, limit=args.frames, extractor=extractor,
+            align_to=align_to, align_method=args.align_method or "limbs", progress=True,
+        )  # fmt: skip
         if args.frames is not None and len(poses) < args.frames:
             raise UsageError(
                 f"--pose {args.pose} has {len(poses)} frames at stride {args.stride}; --frames asks for {args.frames}"
             )
         local = glob = None
         if args.face:
-            landmarks = _face_landmarks(args)
             local, glob = read_face_maps(
                 args.face, landmarks, height, width, stride=args.stride, limit=args.frames
             )

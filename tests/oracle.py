@@ -351,3 +351,34 @@ def save_xdyna_folder(parts, folder, *, face=True):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler.to_diffusers()))
     (folder / "manifest.json").write_text(json.dumps(dict(parts.manifest)))
     return folder
+
+
+# A standing person as fractions of the image (x, y), OpenPose COCO-18 order: arms hang, the feet near the
+# bottom. Every joint scores 1.
+STANDING_BODY = (
+    (0.50, 0.15), (0.50, 0.25), (0.40, 0.26), (0.36, 0.40), (0.34, 0.55), (0.60, 0.26), (0.64, 0.40),
+    (0.66, 0.55), (0.45, 0.55), (0.45, 0.72), (0.45, 0.90), (0.55, 0.55), (0.55, 0.72), (0.55, 0.90),
+    (0.48, 0.13), (0.52, 0.13), (0.46, 0.14), (0.54, 0.14),
+)  # fmt: skip
+
+
+def standing_pose(image_hw, *, raise_right_wrist: float = 0.0):
+    """The standing person in the pixels of an (h, w) image; raise_right_wrist lifts the right wrist by
+    that fraction of the height (a motion to follow)."""
+    from xdyna_jax.conditioning.pose import PoseFrame
+
+    body = np.array(STANDING_BODY) * np.array([image_hw[1], image_hw[0]])
+    body[4, 1] -= raise_right_wrist * image_hw[0]
+    return PoseFrame(body, np.ones(18))
+
+
+class FakeDWPose:
+    """Stands in for `conditioning.extractors.DWPoseOnnx(det, pose)`: the standing person of each frame, in
+    its pixels, the right wrist raised by the frame's mean brightness (so frames differ); keeps the frames."""
+
+    def __init__(self, det_onnx_path=None, pose_onnx_path=None):
+        self.paths, self.frames = (det_onnx_path, pose_onnx_path), []
+
+    def __call__(self, frame):
+        self.frames.append(frame)
+        return standing_pose(frame.shape[:2], raise_right_wrist=0.2 * float(frame.mean()) / 255)

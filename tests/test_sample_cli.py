@@ -4,13 +4,14 @@ with one `error:` line, exit status 2 and no output."""
 
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
-from oracle import save_xdyna_folder, tiny_xdyna
+from oracle import FakeDWPose, save_xdyna_folder, standing_pose, tiny_xdyna
 
 import sample
-from xdyna_jax.conditioning.pose import PoseFrame
+from xdyna_jax.conditioning.pose import PoseFrame, align_poses, draw_poses, write_openpose_json
 from xdyna_jax.io.video import read_image, read_video, write_video
 
 H, W = 24, 16  # multiples of the tiny bundle's size_multiple (4)
@@ -39,6 +40,10 @@ def files(tmp_path_factory):
     write_video(root / "face_short.mp4", smooth_frames(5, 32, 32), fps=10)
     body = [np.concatenate([p.body, p.body_scores[:, None]], 1) for p in [PoseFrame.empty()] * 6]
     np.save(root / "kps.npy", np.nan_to_num(np.stack(body)))
+    write_openpose_json(standing_pose((37, 23)), root / "ref_pose.json")
+    np.save(root / "two_ref_poses.npy", np.zeros((2, 18, 3)))
+    for name in ("det.onnx", "pose.onnx"):  # never loaded: the tests stand in for onnxruntime
+        (root / name).write_bytes(b"onnx")
     (root / "bad.png").write_bytes(b"not an image")
     (root / "empty.mp4").write_bytes(b"")
     (root / "other").mkdir()
@@ -97,12 +102,33 @@ def test_fps_is_the_sources_over_the_stride_else_15_unless_given(files, tmp_path
             "4 driving frames but 3 landmark frames at stride 2",
         ),
         (dict(model="other"), "unknown pipeline kind 'animatediff'"),
+        (["--align-pose"], "needs driving keypoints, but --pose .*pose.mp4 is a rendered skeleton video"),
+        (dict(pose="kps.npy", extra=["--align-pose"]), "--align-pose needs the reference's keypoints"),
+        (["--reference-pose", "ref_pose.json"], "--reference-pose is an --align-pose option"),
+        (["--align-method", "global"], "--align-method is an --align-pose option"),
+        (["--dwpose", "missing.onnx", "pose.onnx"], "--dwpose: DWPose detector ONNX file .*missing.onnx"),
+        (
+            ["--dwpose", "det.onnx", "pose.onnx"],
+            "--dwpose: DWPoseOnnx needs the optional package 'onnxruntime'",
+        ),
+        (dict(pose="kps.npy", extra=["--dwpose", "det.onnx", "pose.onnx"]), "--dwpose would find nothing"),
+        (
+            dict(pose="kps.npy", extra=["--align-pose", "--reference-pose", "two_ref_poses.npy"]),
+            r"two_ref_poses.npy: reference keypoints must be one frame.*got \(2, 18, 3\)",
+        ),
+        (  # kps.npy holds nobody
+            dict(pose="kps.npy", extra=["--align-pose", "--reference-pose", "ref_pose.json"]),
+            "kps.npy: cannot align poses",
+        ),
     ],
 )
-def test_bad_inputs_give_one_error_line_and_no_output(files, tmp_path, capsys, change, message):
+def test_bad_inputs_give_one_error_line_and_no_output(files, tmp_path, capsys, monkeypatch, change, message):
     import re
+    import sys
 
-    paths = lambda args: [str(files / a) if a.endswith((".mp4", ".npy")) else a for a in args]
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed, wherever the tests run
+    suffixes = (".mp4", ".npy", ".json", ".onnx")
+    paths = lambda args: [str(files / a) if a.endswith(suffixes) else a for a in args]
     if isinstance(change, list):
         args = argv(files, tmp_path / "out.mp4", *paths(change))
     else:
@@ -115,6 +141,31 @@ def test_bad_inputs_give_one_error_line_and_no_output(files, tmp_path, capsys, c
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dwpose_finds_both_people_and_the_driving_pose_is_aligned(files, monkeypatch):
+    from xdyna_jax.conditioning import extractors
+    from xdyna_jax.io.driving import crop_box, pose_to_canvas, reference_keypoints
+
+    made = []
+    monkeypatch.setattr(extractors, "DWPoseOnnx", lambda *paths: made.append(FakeDWPose(*paths)) or made[-1])
+    # what this test checks is read before the bundle: skip loading its weights
+    monkeypatch.setattr(sample, "_load_pipeline", lambda args: types.SimpleNamespace(size_multiple=4))
+    dwpose = ["--dwpose", str(files / "det.onnx"), str(files / "pose.onnx")]
+    # the raw driving video is face.mp4: 32 x 32, cut to the 16:24 canvas
+    extra = ["--pose", str(files / "face.mp4"), *dwpose, "--align-pose", "--frames", "3"]
+    args = sample.build_parser().parse_args(argv(files, "o.mp4", *extra))
+    _, reference, poses, *_ = sample.prepare(args)
+    assert len(made) == 1 and made[0].paths == (str(files / "det.onnx"), str(files / "pose.onnx"))
+    assert [f.shape for f in made[0].frames] == [(37, 23, 3)] + [(32, 32, 3)] * 3  # photo, then the video
+    driving = read_video(files / "face.mp4", stride=2, limit=3)[0]
+    box = crop_box((32, 32), H, W)
+    found = [pose_to_canvas(FakeDWPose()(f), (32, 32), box, H, W) for f in driving]
+    target = reference_keypoints(reference, H, W, extractor=FakeDWPose())
+    np.testing.assert_array_equal(
+        poses, draw_poses(align_poses(found, target, method="limbs"), H, W, draw_head=False)
+    )
+    assert not np.array_equal(poses, draw_poses(found, H, W, draw_head=False))
 
 
 def test_compile_cache_keeps_small_programs(tmp_path):
