@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from xdyna_jax.nn.bf16_weights import weight_after_input
+
 FORMULATIONS = ("auto", "native", "im2col")
 
 # When a kh*kw > 1 conv is lowered as im2col on CPU: at most IM2COL_MAX_PIXELS output pixels (N*Ho*Wo,
@@ -173,6 +175,7 @@ def conv2d(
         and out_sharding is None
         and _is_nhwc_hwio(dimension_numbers)
     )
+    rhs = weight_after_input(lhs, rhs)
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, strides, padding, out_sharding=out_sharding, **general)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from xdyna_jax.nn.bf16_weights import dot_general
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.conv import conv2d
 
@@ -22,6 +23,7 @@ def linear(din: int, dout: int, compute: Compute, rngs: nnx.Rngs, *, bias: bool 
         dtype=compute.jnp_dtype,
         param_dtype=jnp.float32,
         precision=compute.lax_precision,
+        dot_general=dot_general,
         rngs=rngs,
     )
 

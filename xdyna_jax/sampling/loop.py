@@ -15,6 +15,7 @@ a last, partial batch of windows is padded with copies whose predictions are mas
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,14 +45,15 @@ def window_batches(windows: np.ndarray, window_batch: int) -> tuple[np.ndarray, 
     return padded.reshape(-1, window_batch, windows.shape[1]), valid.reshape(-1, window_batch)
 
 
-def compiled_window_step(window_fn: WindowFn):
+def compiled_window_step(window_fn: WindowFn, compiler_options: dict | None = None):
     """The compiled window step: gather the windows, predict, add the valid predictions per frame.
 
     Build it once and pass it to every `denoise` call (`compiled_step=`) so later videos of the same shapes
     reuse it; the caller owns it (a global cache would keep the caller's weights alive).
+    compiler_options: XLA options of its compile (`nn.bf16_weights.compiler_options_for(weights)`).
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(params, latents, timestep, frames, valid, total):
         reference = jnp.broadcast_to(latents[:1], (frames.shape[0], 1, *latents.shape[1:]))
         windows = jnp.concatenate([reference, latents[1:][frames]], axis=1)

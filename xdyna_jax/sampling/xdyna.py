@@ -28,6 +28,7 @@ from flax import nnx
 
 from xdyna_jax.conditioning.clip_image import preprocess_clip_image, uncond_pixel_values
 from xdyna_jax.conditioning.face import normalize_frames
+from xdyna_jax.nn.bf16_weights import compiler_options_for
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import XDyna, load_xdyna
 from xdyna_jax.sampling.init_latents import initial_latents
@@ -87,7 +88,9 @@ class XDynaPipeline:
         self.sequential_cfg = sequential_cfg
         self.scheduler = DDIMScheduler(parts.scheduler)
         self._graph = nnx.split(parts.denoiser)[0]
-        self._step = compiled_window_step(self.window_fn)  # every call of the same shapes reuses its compile
+        # every call of the same shapes reuses its compile; bf16 weights on CPU need their XLA options
+        options = compiler_options_for(nnx.state(parts.denoiser))
+        self._step = compiled_window_step(self.window_fn, options)
 
     def window_fn(self, params, windows, t, frames):
         """(2, W, 1 + L, ...) noise predictions [uncond; cond] of W windows."""
