@@ -3,7 +3,7 @@
 What one call does, in the release's order:
 1. the reference is centre-cropped to the output aspect and resized with OpenCV (bilinear, uint8), then
    VAE-encoded (a posterior sample); the CLIP image embedding is taken from the *uncropped* photo;
-2. the empty prompt is encoded once; the IP-Adapter tokens of the photo form the conditional half of CFG,
+2. the empty prompt is encoded once per pipeline (its text encoder is then released); the IP-Adapter tokens of the photo form the conditional half of CFG,
    those of an all-zero normalised image the unconditional half;
 3. the initial latents repeat the reference latent, Bernoulli-mixed with a blurred copy and noised
    (`init_latents.py`);
@@ -86,6 +86,7 @@ class XDynaPipeline:
         """sequential_cfg: run the two CFG halves one after the other (less memory) or as one batch."""
         self.parts = parts
         self.sequential_cfg = sequential_cfg
+        self._empty_prompt = None
         self.scheduler = DDIMScheduler(parts.scheduler)
         self._graph = nnx.split(parts.denoiser)[0]
         # every call of the same shapes reuses its compile; bf16 weights on CPU need their XLA options
@@ -119,6 +120,15 @@ class XDynaPipeline:
         )
         return eps.reshape(2, w, *eps.shape[1:])
 
+    def empty_prompt(self) -> jax.Array:
+        """(1, L, D) text embedding of the empty prompt, the only prompt X-Dyna uses. Computed on first use;
+        the pipeline then drops its text encoder (weights kept resident for one constant)."""
+        if self._empty_prompt is None:
+            p = self.parts
+            self._empty_prompt = _encode_text(p.text_encoder, jnp.asarray(p.tokenizer([""])))
+            self.parts = dataclasses.replace(p, text_encoder=None)
+        return self._empty_prompt
+
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32") -> XDynaPipeline:
         """A converted X-Dyna bundle (`python -m convert xdyna`). dtype is the compute dtype; in bfloat16 the
@@ -150,7 +160,7 @@ class XDynaPipeline:
         n = len(poses) if num_frames is None else num_frames
         if not 1 <= n <= len(poses):
             raise ValueError(f"num_frames must be in [1, {len(poses)}] (the driving frames given), got {n}")
-        if self.parts.tokenizer is None:
+        if self._empty_prompt is None and self.parts.tokenizer is None:
             raise ValueError("this X-Dyna bundle has no tokenizer/ folder")
         if self.parts.denoiser.unet.config.ip_adapter_tokens and (
             self.parts.image_encoder is None or self.parts.resampler is None
@@ -199,8 +209,7 @@ class XDynaPipeline:
 
         pixels = crop_and_resize(reference_image, height, width).astype(np.float32) / 127.5 - 1.0
         reference = _encode(p.vae, jnp.asarray(pixels[None]), draws.vae)[0]
-        text = _encode_text(p.text_encoder, jnp.asarray(p.tokenizer([""])))
-        context = jnp.repeat(text, 2, axis=0)  # [uncond; cond]
+        context = jnp.repeat(self.empty_prompt(), 2, axis=0)  # [uncond; cond]
         if p.denoiser.unet.config.ip_adapter_tokens:
             images = np.concatenate([uncond_pixel_values(), preprocess_clip_image(reference_image)])
             tokens = _image_tokens(p.image_encoder, p.resampler, jnp.asarray(images))
