@@ -70,8 +70,10 @@ def run_worker(args: list[str]) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"{' '.join(args)} failed:\n{err.read()[-3000:]}")
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            why = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}"
+            raise RuntimeError(f"{' '.join(args)} failed, {why}:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss * 1024 / GIB, "result": result}
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from oracle import rel_err
 
-from xdyna_jax.nn.attention_ops import BACKENDS, dot_product_attention
+from xdyna_jax.nn import attention_ops
+from xdyna_jax.nn.attention_ops import BACKENDS, SPLASH_INTERPRET_ENV, dot_product_attention
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -32,11 +33,21 @@ def available(backend):
     return backend != "cudnn" or jax.default_backend() == "gpu"
 
 
+@pytest.fixture
+def splash_interpret(monkeypatch):
+    """Off TPU the splash kernel runs in Pallas interpret mode (the same kernel code, evaluated by XLA)."""
+    if jax.default_backend() != "tpu":
+        monkeypatch.setenv(SPLASH_INTERPRET_ENV, "1")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lq,lk,causal", [(37, 37, False), (37, 37, True), (50, 7, False), (5, 77, False)])
-def test_backend_matches_reference(backend, lq, lk, causal):
+def test_backend_matches_reference(backend, lq, lk, causal, request):
+    """None of the lengths is a multiple of 128, so "splash" pads queries and keys and masks the keys."""
     if not available(backend):
         pytest.skip("cudnn needs a GPU")
+    if backend == "splash":
+        request.getfixturevalue("splash_interpret")
     q, k, v = inputs(lq, lk)
     got = dot_product_attention(
         jnp.asarray(q),
@@ -48,6 +59,26 @@ def test_backend_matches_reference(backend, lq, lk, causal):
         chunk_size=16,  # smaller than lq so the chunked path really splits (and pads the last block)
     )
     assert rel_err(got, numpy_attention(q, k, v, causal)) < 1e-5
+
+
+def test_splash_gradients_match_xla(splash_interpret):
+    """Training differentiates through the kernel's own backward kernels: q, k, v grads equal the "xla"
+    path's, with 77 keys padded to 128 and masked; tracing twice reuses the one built kernel."""
+    q, k, v = (jnp.asarray(a) for a in inputs(37, 77))
+    weight = jnp.asarray(np.random.default_rng(1).standard_normal((2, 37, 3, 8)), jnp.float32)
+
+    def grads(backend):
+        def loss(q, k, v):
+            out = dot_product_attention(q, k, v, backend=backend, precision=HIGHEST)
+            return jnp.sum(out * weight)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    attention_ops._splash_kernel.cache_clear()
+    for got, expected in zip(grads("splash"), grads("xla"), strict=True):
+        assert rel_err(got, expected) < 1e-5
+    jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, backend="splash"))(q)
+    assert attention_ops._splash_kernel.cache_info().currsize == 1
 
 
 def test_reference_matches_torch_sdpa():
@@ -78,3 +109,12 @@ def test_bad_backend_and_shapes_are_refused():
     if jax.default_backend() != "gpu":
         with pytest.raises(RuntimeError, match="needs a GPU"):
             dot_product_attention(q, q, q, backend="cudnn")
+
+
+def test_splash_off_tpu_names_interpret_mode(monkeypatch):
+    if jax.default_backend() == "tpu":
+        pytest.skip("splash runs compiled on a TPU")
+    monkeypatch.delenv(SPLASH_INTERPRET_ENV, raising=False)
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(RuntimeError, match=f"'splash' is JAX's Pallas TPU kernel.*{SPLASH_INTERPRET_ENV}=1"):
+        dot_product_attention(q, q, q, backend="splash")

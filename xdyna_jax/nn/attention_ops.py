@@ -11,16 +11,48 @@ Backends:
   - "dot_product": `jax.nn.dot_product_attention` with automatic implementation choice
                 (cuDNN flash attention on a GPU when shapes allow, XLA elsewhere).
   - "cudnn":    `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only, fails clearly otherwise.
+  - "splash":   JAX's Pallas TPU flash-attention kernel (`splash_attention_kernel.make_splash_mha`), with
+                its own backward kernels, for TPU training and sampling. TPU only: on any other platform it
+                raises unless the environment variable `XDYNA_SPLASH_INTERPRET=1` is set, which runs the
+                same kernel in Pallas interpret mode (slow; CPU tests and CI use it). The variable is read
+                when a function is traced, so set it before the first jit call.
+
+The splash kernel works per example on heads-major (H, L, D) tensors whose sequence lengths are multiples
+of its block sizes and does not scale the scores, so the "splash" path
+  - vmaps over the batch;
+  - pads each sequence to one block of its length rounded up to 128 (the TPU lane width the kernel tiles
+    by) when that is at most 512, else to a multiple of 512-blocks: 77 or 93 tokens -> one 128 block,
+    448 -> 512, 7168 -> 14 blocks of 512, 1792 -> 2048; the 16 or 17 frames of temporal attention also
+    become one 128 block, computed at the padded size (8x the work of the "xla" path there);
+  - masks padded keys with a static mask built on the host once per shape (with the causal triangle when
+    asked). The kernel skips empty blocks and stores each distinct partial block once: without causal only
+    the last key block is partial, so the mask costs one (block_q, block_kv) bool tile. Unpadded inputs
+    use the kernel's lazy full / causal masks instead;
+  - pads the head dimension to a multiple of 128 with zeros (40 / 64 / 80 -> 128, 160 -> 256): the zeros add
+    nothing to q.k and the extra output columns are sliced off, and the kernel's tiles stay lane-aligned;
+  - multiplies q by 1/sqrt(D) (of the unpadded D) before the kernel, in q's dtype as the "xla" path does;
+  - runs bfloat16 and float32 as given and float16 in float32 (TPUs have no float16 matmul); softmax
+    statistics are float32 in the kernel. `precision` is not applied: the kernel's matmuls run at the
+    hardware's precision for the input dtype.
+Built kernels are cached per (heads, lengths, causal, interpret), so tracing never rebuilds one. Under a
+device mesh the kernel is a custom call that XLA cannot partition: a sharded batch needs the call wrapped
+in `shard_map` over the batch / head axes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-BACKENDS = ("xla", "chunked", "dot_product", "cudnn")
+BACKENDS = ("xla", "chunked", "dot_product", "cudnn", "splash")
+SPLASH_INTERPRET_ENV = "XDYNA_SPLASH_INTERPRET"
+_LANES = 128  # TPU vector lane width: the splash kernel's sequence blocks and our head-dim padding unit
+_MAX_BLOCK = 512  # splash block for long sequences (q and kv)
 
 
 def check_backend(name: str) -> str:
@@ -84,6 +116,91 @@ def _blocked(q, k, v, scale, causal, precision, chunk):
     return out[:, :lq]
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _splash_tiling(length: int) -> tuple[int, int]:
+    """(padded length, block) of one sequence: a single block of the length rounded up to 128 when that is
+    at most 512, else 512-blocks. On TPU each grid step has a fixed cost that a 128 x 128 tile does not
+    amortise, so long sequences take 512 even when that pads more (1792 -> 2048) than a 256 block would."""
+    padded = _round_up(length, _LANES)
+    if padded <= _MAX_BLOCK:
+        return padded, padded
+    return _round_up(length, _MAX_BLOCK), _MAX_BLOCK
+
+
+def _splash_interpret() -> bool:
+    if os.environ.get(SPLASH_INTERPRET_ENV, "").lower() in ("1", "true", "yes"):
+        return True
+    if jax.default_backend() != "tpu":
+        raise RuntimeError(
+            "attention backend 'splash' is JAX's Pallas TPU kernel; this process runs on "
+            f"{jax.default_backend()!r}. Set {SPLASH_INTERPRET_ENV}=1 to run it in Pallas interpret mode "
+            "(slow, for tests), or use 'chunked', 'xla' or 'dot_product'."
+        )
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads, lq_padded, lk, lk_padded, causal, interpret):
+    """The per-example splash kernel for (heads, lq_padded, D) x (heads, lk_padded, D), keys >= lk masked."""
+    # imported here: Pallas takes ~0.6 s to import, which no other backend should pay
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (lq_padded, lk_padded)
+    if lk_padded == lk:
+        # Lazy masks: nothing is materialised, the causal one is evaluated in the kernel.
+        mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+    else:
+        allowed = np.zeros(shape, np.bool_)
+        allowed[:, :lk] = True
+        if causal:
+            allowed &= np.tri(lq_padded, lk_padded, dtype=np.bool_)
+        mask = masks.NumpyMask(allowed)
+    bq, bkv = _splash_tiling(lq_padded)[1], _splash_tiling(lk_padded)[1]
+    blocks = splash.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
+    return splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+
+
+def _splash(q, k, v, scale, causal):
+    """(B, Lq, H, D) attention through the splash kernel; see the module docstring for the padding."""
+    interpret = _splash_interpret()
+    out_dtype = q.dtype
+    compute_dtype = jnp.float32 if q.dtype == jnp.float16 else q.dtype
+    _, lq, h, d = q.shape
+    lk, dv = k.shape[1], v.shape[-1]
+    lq_padded, lk_padded = _splash_tiling(lq)[0], _splash_tiling(lk)[0]
+
+    def heads_major(x, length, padded_length, dim):
+        x = x.astype(compute_dtype).transpose(0, 2, 1, 3)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, padded_length - length), (0, _round_up(dim, _LANES) - dim)))
+
+    kernel = _splash_kernel(h, lq_padded, lk, lk_padded, causal, interpret)
+    out = jax.vmap(kernel)(
+        heads_major(q * jnp.asarray(scale, q.dtype), lq, lq_padded, d),
+        heads_major(k, lk, lk_padded, d),
+        heads_major(v, lk, lk_padded, dv),
+    )
+    return out[:, :, :lq, :dv].transpose(0, 2, 1, 3).astype(out_dtype)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -115,4 +232,6 @@ def dot_product_attention(
                 f"{jax.default_backend()!r}. Use 'dot_product' (picks cuDNN when available) or 'xla'."
             )
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=impl)
+    if backend == "splash":
+        return _splash(q, k, v, scale, causal)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
