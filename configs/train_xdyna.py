@@ -1,0 +1,51 @@
+"""X-Dyna training (paper 4.1): which weights train, the objective, the optimizer and the step.
+
+`get_config("stage1")` / `get_config("stage2")`; `training_configs(cfg)` turns the sections into the
+training package's dataclasses (checking the trainable set's name before anything is built).
+"""
+
+import ml_collections
+
+from xdyna_jax.training.objective import ObjectiveConfig
+from xdyna_jax.training.optimizer import OptimizerConfig
+from xdyna_jax.training.step import StepConfig
+
+
+def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.step = ml_collections.ConfigDict()
+    # stage1: Dynamics-Adapter to_q_ff/to_out_ff + pose ControlNet + motion modules; stage2: S-Face
+    # ControlNet only; all: everything (a small model from scratch); vae: a VAE from scratch.
+    cfg.step.trainable = stage
+    cfg.step.grad_accum_steps = 1  # micro-batches per optimizer update (a scan inside one compiled step)
+    cfg.step.frozen_dtype = "bfloat16"  # frozen SD / IP-Adapter weights: half the memory, never updated
+    # none | dots | full per block kind, for the UNet and the ControlNets alike; dots keeps the weight
+    # matmuls' outputs and recomputes attention, which dominates activation memory at 896x512 x 17 frames
+    cfg.step.remat = ml_collections.ConfigDict(dict(down_blocks="dots", mid_block="dots", up_blocks="dots"))
+
+    cfg.optimizer = ml_collections.ConfigDict()
+    cfg.optimizer.learning_rate = 1e-5  # the paper's AdamW rate for every module
+    cfg.optimizer.warmup_steps = 500  # a short linear warmup keeps the first Adam steps small
+    cfg.optimizer.weight_decay = 1e-2
+    cfg.optimizer.clip_norm = 1.0
+    cfg.optimizer.ema_decay = 0.0  # the paper reports no EMA; set e.g. 0.9999 to keep one
+
+    cfg.objective = ml_collections.ConfigDict()
+    cfg.objective.num_train_timesteps = 1000  # the release's schedule: linear betas 0.00085 .. 0.012
+    cfg.objective.beta_start = 0.00085
+    cfg.objective.beta_end = 0.012
+    cfg.objective.beta_schedule = "linear"
+    cfg.objective.image_dropout = 0.05  # IP tokens -> zero-image tokens, for CFG on the image prompt
+
+    cfg.frames = 16  # driven frames per training window (+ the reference): the paper's 16
+    cfg.height, cfg.width = 896, 512
+    return cfg
+
+
+def training_configs(cfg: ml_collections.ConfigDict) -> tuple[StepConfig, OptimizerConfig, ObjectiveConfig]:
+    step = cfg.step.to_dict()
+    return (
+        StepConfig(**{**step, "remat": dict(step.get("remat", {}))}),
+        OptimizerConfig(**cfg.optimizer.to_dict()),
+        ObjectiveConfig(**cfg.objective.to_dict()),
+    )

@@ -1,0 +1,118 @@
+"""X-Dyna's training objective: epsilon-prediction MSE on the driven frames of a window.
+
+A training window is [reference ; N driven frames] of clean VAE latents (B, 1 + N, h, w, 4). The driven
+frames are noised at one timestep per example, t ~ U{0, ..., T-1}, with the release's schedule (linear betas
+0.00085..0.012 over 1000 steps, the one its DDIM sampler is configured with):
+
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,      loss = mean over frames 1..N of (eps_hat - eps)^2
+
+The reference frame 0 stays clean (the sampler never noises it either) and is left out of the loss: the model
+only ever reads it. For classifier-free guidance the unconditional signal is the IP-Adapter tokens of an
+all-zero normalised image (what the sampler's uncond half uses), so each example's image tokens are replaced
+by those with probability `image_dropout`, drawn from the step's key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER
+from xdyna_jax.schedulers import DDIMScheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    num_train_timesteps: int = XDYNA_SCHEDULER.num_train_timesteps
+    beta_start: float = XDYNA_SCHEDULER.beta_start
+    beta_end: float = XDYNA_SCHEDULER.beta_end
+    beta_schedule: str = XDYNA_SCHEDULER.beta_schedule
+    # IP-Adapter's own training drops the image prompt (to a zero image) for 5 % of examples; the X-Dyna
+    # release ships no training code, so its rate is unknown.
+    image_dropout: float = 0.05
+
+    def __post_init__(self):
+        if not 0.0 <= self.image_dropout <= 1.0:
+            raise ValueError(f"objective.image_dropout must be in [0, 1], got {self.image_dropout}")
+
+    def alphas_cumprod(self) -> jax.Array:
+        """(T,) float32 alpha_bar of the schedule (the DDIM sampler's own table, so both agree)."""
+        sched = dataclasses.replace(
+            XDYNA_SCHEDULER,
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule=self.beta_schedule,
+        )
+        return DDIMScheduler(sched).alphas_cumprod
+
+
+class Draws(NamedTuple):
+    """Everything random in one loss evaluation, drawn from one key (so a test can replay it)."""
+
+    timesteps: jax.Array  # (B,) int32
+    noise: jax.Array  # (B, N, h, w, C) float32, for the driven frames
+    drop_image: jax.Array  # (B,) bool: this example's image tokens become the zero-image tokens
+
+
+def draw(key: jax.Array, latents_shape: tuple[int, ...], cfg: ObjectiveConfig) -> Draws:
+    b, f = latents_shape[:2]
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    return Draws(
+        timesteps=jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps, jnp.int32),
+        noise=jax.random.normal(k_noise, (b, f - 1, *latents_shape[2:]), jnp.float32),
+        drop_image=jax.random.bernoulli(k_drop, cfg.image_dropout, (b,)),
+    )
+
+
+def add_noise(x0: jax.Array, noise: jax.Array, timesteps: jax.Array, alphas_cumprod: jax.Array) -> jax.Array:
+    """x_t of clean `x0` (B, ...) at per-example `timesteps` (B,), in float32."""
+    ab = alphas_cumprod[timesteps].reshape(-1, *(1,) * (x0.ndim - 1))
+    return jnp.sqrt(ab) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - ab) * noise
+
+
+def drop_image_tokens(image_tokens: jax.Array, null_tokens: jax.Array, drop: jax.Array) -> jax.Array:
+    """(B, T, D) image tokens with the rows of `drop` (B,) replaced by `null_tokens` (T, D)."""
+    null = jnp.broadcast_to(null_tokens.astype(image_tokens.dtype), image_tokens.shape)
+    return jnp.where(drop[:, None, None], null, image_tokens)
+
+
+def check_batch(batch: dict) -> None:
+    """One clear error for a batch the step cannot use (run on shapes before compiling)."""
+    for key in ("latents", "text", "image_tokens"):
+        if key not in batch:
+            raise ValueError(f"training batch has no {key!r} (it has {sorted(batch)})")
+    lat = batch["latents"]
+    if len(lat.shape) != 5 or lat.shape[1] < 2:
+        raise ValueError(
+            f"batch['latents'] must be windows (B, 1 + N, h, w, C) with N >= 1, got {tuple(lat.shape)}"
+        )
+    b, n = lat.shape[0], lat.shape[1] - 1
+    for key in ("text", "image_tokens"):
+        if len(batch[key].shape) != 3 or batch[key].shape[0] != b:
+            raise ValueError(f"batch[{key!r}] must be (B={b}, L, D), got {tuple(batch[key].shape)}")
+    for key in ("pose", "face"):
+        if batch.get(key) is not None and tuple(batch[key].shape[:2]) != (b, n):
+            raise ValueError(
+                f"batch[{key!r}] must cover the {n} driven frames (B={b}, {n}, H, W, C), "
+                f"got {tuple(batch[key].shape)}"
+            )
+
+
+def diffusion_loss(denoiser, batch: dict, null_tokens: jax.Array, draws: Draws, alphas_cumprod: jax.Array):
+    """Mean squared epsilon error over frames 1..N of `batch` (see the module docstring), float32 scalar.
+
+    batch: latents (B, 1+N, h, w, C) clean, frame 0 the reference; text (B, L, D); image_tokens (B, T, D);
+    optional pose (B, N, H, W, 3) and face (B, N, H, W, 6) conditions of the driven frames.
+    """
+    latents = batch["latents"]
+    reference = latents[:, :1].astype(jnp.float32)
+    noisy = add_noise(latents[:, 1:], draws.noise, draws.timesteps, alphas_cumprod)
+    window = jnp.concatenate([reference, noisy], axis=1)
+    image = drop_image_tokens(batch["image_tokens"], null_tokens, draws.drop_image)
+    context = jnp.concatenate([batch["text"], image.astype(batch["text"].dtype)], axis=1)
+    eps = denoiser(window, draws.timesteps, context, batch.get("pose"), batch.get("face"))
+    return jnp.mean(jnp.square(eps[:, 1:].astype(jnp.float32) - draws.noise))

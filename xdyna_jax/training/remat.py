@@ -1,0 +1,80 @@
+"""Named rematerialisation (gradient checkpointing) policies per UNet / ControlNet block, from the config.
+
+    none  keep every activation for the backward pass (fastest, most memory)
+    dots  keep only the outputs of matmuls without batch dimensions (the weight projections); recompute the
+          rest, attention scores included (the largest activations at 896x512)
+    full  keep only the block's inputs; recompute the whole block in the backward pass
+
+`apply_remat(model, {"down_blocks": "dots", "mid_block": "none", "up_blocks": "full"})` changes the class of
+every such block of every network in `model` to a subclass whose call runs under `jax.checkpoint`, so the
+parameter paths, and with them bundles, trainable sets and shardings, stay as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+
+from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
+
+POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+BLOCKS = {"down_blocks": DownBlock, "mid_block": MidBlock, "up_blocks": UpBlock}
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def check_remat(policies: Mapping[str, str]) -> None:
+    for block, policy in policies.items():
+        if block not in BLOCKS:
+            raise ValueError(f"remat: unknown block {block!r}; known blocks: {sorted(BLOCKS)}")
+        if policy not in POLICIES:
+            raise ValueError(f"remat.{block}: unknown policy {policy!r}; known policies: {sorted(POLICIES)}")
+
+
+def _checkpointed_call(base: type, policy):
+    def __call__(self, *args, **kwargs):
+        # jax.checkpoint takes arrays only: everything else (VideoSpec's norm function, frame counts,
+        # ip_scale) is closed over, and the block's weights enter as an explicit state argument.
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        is_array = [isinstance(x, jax.Array) for x in leaves]
+        graphdef, state = nnx.split(self)
+
+        def run(state, arrays):
+            it = iter(arrays)
+            a, k = jax.tree_util.tree_unflatten(
+                treedef, [next(it) if d else x for x, d in zip(leaves, is_array, strict=True)]
+            )
+            return base.__call__(nnx.merge(graphdef, state), *a, **k)
+
+        return jax.checkpoint(run, policy=policy)(
+            state, [x for x, d in zip(leaves, is_array, strict=True) if d]
+        )
+
+    return __call__
+
+
+def _subclass(base: type, policy_name: str) -> type:
+    key = (base, policy_name)
+    if key not in _SUBCLASSES:
+        call = _checkpointed_call(base, POLICIES[policy_name])
+        _SUBCLASSES[key] = type(
+            f"{policy_name.capitalize()}Remat{base.__name__}", (base,), {"__call__": call}
+        )
+    return _SUBCLASSES[key]
+
+
+def apply_remat(model: nnx.Module, policies: Mapping[str, str]) -> nnx.Module:
+    """Set each block's policy in place (see the module docstring); returns `model`."""
+    check_remat(policies)
+    for _, node in nnx.iter_graph(model):
+        for block, base in BLOCKS.items():
+            if isinstance(node, base):
+                root = next(c for c in type(node).__mro__ if c in BLOCKS.values())
+                name = policies.get(block, "none")
+                node.__class__ = root if name == "none" else _subclass(root, name)
+    return model
