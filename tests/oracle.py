@@ -382,3 +382,59 @@ class FakeDWPose:
     def __call__(self, frame):
         self.frames.append(frame)
         return standing_pose(frame.shape[:2], raise_right_wrist=0.2 * float(frame.mean()) / 255)
+
+
+def moving_square_video(num_frames: int, size=(48, 64), *, seed: int = 0, tint=(0, 0, 0)) -> np.ndarray:
+    """uint8 (T, h, w, 3): a colour gradient with a bright square sliding right one pixel a frame (each
+    seed starts it elsewhere); `tint` is added everywhere (a face patch video is the video, tinted)."""
+    h, w = size
+    y, x = np.mgrid[:h, :w]
+    base = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 60 + 40 * seed)], -1)
+    frames = np.repeat(base[None], num_frames, axis=0)
+    for t in range(num_frames):
+        x0, y0 = (3 * seed + t) % (w - 8), (5 * seed) % (h - 8)
+        frames[t, y0 : y0 + 8, x0 : x0 + 8] = 250
+    return np.clip(frames + np.array(tint), 0, 255).astype(np.uint8)
+
+
+def face_landmarks(num_frames: int, size=(48, 64), seed: int = 0) -> np.ndarray:
+    """(T, 68, 2) x, y pixels: a fixed cloud of 68 points around the standing person's head, drifting."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    cloud = rng.uniform([-0.06 * w, -0.08 * h], [0.06 * w, 0.08 * h], (68, 2)) + [0.5 * w, 0.15 * h]
+    return cloud[None] + 0.2 * np.arange(num_frames)[:, None, None] * np.array([1.0, 0.5])
+
+
+def write_training_inputs(root, names=("a", "b", "c"), *, num_frames: int = 24, size=(48, 64), scene=False):
+    """Inputs of `xdyna_jax.data.prepare` under root: videos/<name>.mp4 (moving squares, 10 fps) and, for
+    human videos, poses/ (OpenPose JSON folders for even-numbered videos, (T, 18, 3) .npy for the others;
+    the standing person, right wrist rising), faces/<name>.npy landmarks and patches/<name>.mp4 (the video
+    tinted). Returns {"videos", "poses", "faces", "patches"} -> folder (only "videos" for scene)."""
+    from pathlib import Path
+
+    from xdyna_jax.conditioning.pose import to_arrays, write_openpose_json
+    from xdyna_jax.io.video import write_video
+
+    root = Path(root)
+    dirs = {k: root / k for k in (("videos",) if scene else ("videos", "poses", "faces", "patches"))}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        frames = moving_square_video(num_frames, size, seed=i + (10 if scene else 0))
+        write_video(dirs["videos"] / f"{name}.mp4", frames, fps=10)
+        if scene:
+            continue
+        poses = [standing_pose(size, raise_right_wrist=0.2 * t / num_frames) for t in range(num_frames)]
+        if i % 2 == 0:
+            (dirs["poses"] / name).mkdir()
+            for t, pose in enumerate(poses):
+                write_openpose_json(pose, dirs["poses"] / name / f"{name}_{t:012d}_keypoints.json")
+        else:
+            np.save(dirs["poses"] / f"{name}.npy", to_arrays(poses)[0])
+        np.save(dirs["faces"] / f"{name}.npy", face_landmarks(num_frames, size, seed=i))
+        write_video(
+            dirs["patches"] / f"{name}.mp4",
+            moving_square_video(num_frames, size, seed=i, tint=(0, 0, 90)),
+            fps=10,
+        )
+    return dirs
