@@ -3,11 +3,13 @@
 import ml_collections
 
 from configs.models import compute_section
+from configs.sharding import sharding_section
 
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.compute = compute_section()
+    cfg.sharding = sharding_section()
     small = dict(
         block_out_channels=(32, 64),
         norm_num_groups=8,

@@ -4,11 +4,13 @@
 import ml_collections
 
 from configs.models import compute_section
+from configs.sharding import sharding_section
 
 
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.compute = compute_section()
+    cfg.sharding = sharding_section()
     cfg.model = ml_collections.ConfigDict()
     cfg.model.unet = dict(
         dynamics_adapter=True,

@@ -4,6 +4,8 @@
     unet = xdyna_jax.load("out/unet")                                   # host-local arrays
     unet = xdyna_jax.load("out/unet", sharding=NamedSharding(mesh, P()))  # every param on that sharding
     unet = xdyna_jax.load("out/unet", sharding=lambda path, shape: ...)  # per-parameter placement
+    unet = xdyna_jax.load("out/unet", sharding=LogicalSharding(mesh, rules))  # by logical axis names
+    unet = xdyna_jax.load("out/unet", sharding=param_shardings(abstract, mesh, rules))  # a tree of them
     unet = xdyna_jax.load("out/unet", param_dtype="bfloat16")         # cast while restoring
 
 A bundle appears atomically: it is written to a temporary sibling directory and renamed into place.
@@ -29,6 +31,7 @@ from flax import nnx
 
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
+from xdyna_jax.sharding import LogicalSharding
 
 FORMAT_VERSION = 1
 
@@ -44,7 +47,16 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "controlnet": ("xdyna_jax.models.controlnet", "ControlNetConfig", "ControlNetModel"),
 }
 
-Sharding = jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None
+# One sharding for all, a function of (param path, shape), a tree of shardings shaped like the params (a
+# nested dict or an nnx.State), or the logical-axis rules on a mesh.
+Sharding = (
+    jax.sharding.Sharding
+    | Callable[[tuple, tuple], jax.sharding.Sharding]
+    | dict
+    | nnx.State
+    | LogicalSharding
+    | None
+)
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 # Bytes orbax may hold in flight while writing / reading: bounds the transient copies of a multi-GB model
@@ -203,15 +215,44 @@ def build_abstract(path: str | os.PathLike, compute: Compute | None = None) -> n
     return shape_only_model(model_cls, config)
 
 
-def _target(abstract_params: dict, sharding: Sharding, dtype: str) -> dict:
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _sharding_tree(tree: dict | nnx.State, abstract_params: dict, where: Path) -> dict:
+    """A tree of shardings as {param path: sharding}, checked to cover exactly the bundle's params."""
+    pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+    flat = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    wanted = {_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    missing, extra = sorted(wanted - set(flat), key=str), sorted(set(flat) - wanted, key=str)
+    if missing or extra:
+        raise BundleError(
+            f"load {where}: the sharding tree does not match the bundle's params "
+            f"(missing {['.'.join(map(str, k)) for k in missing[:3]]}, "
+            f"unexpected {['.'.join(map(str, k)) for k in extra[:3]]})"
+        )
+    for keys, s in flat.items():
+        if not isinstance(s, jax.sharding.Sharding):
+            raise BundleError(
+                f"load {where}: sharding for {'.'.join(map(str, keys))} is a {type(s).__name__}"
+            )
+    return flat
+
+
+def _target(abstract_params: dict, sharding: Sharding, dtype: str, where: Path) -> dict:
     """What each param is restored as: its shape, the wanted dtype (orbax casts on read), its placement."""
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else None
+    per_leaf = (
+        _sharding_tree(sharding, abstract_params, where) if isinstance(sharding, dict | nnx.State) else None
+    )
 
     def leaf(path, x):
         if single is not None:
             s = single
+        elif per_leaf is not None:
+            s = per_leaf[_keys(path)]
         elif callable(sharding):
-            s = sharding(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), x.shape)
+            s = sharding(_keys(path), x.shape)
         else:
             s = sharding
         return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s)
@@ -250,7 +291,10 @@ def load(
 ) -> nnx.Module:
     """Rebuild the module saved at `path` and restore its weights.
 
-    sharding:    None (first device), one Sharding for every param, or `f(param_path, shape) -> Sharding`.
+    sharding:    None (first device), one Sharding for every param, `f(param_path, shape) -> Sharding`, a
+                 tree of Shardings with the params' structure (`xdyna_jax.sharding.param_shardings`), or
+                 `LogicalSharding(mesh, rules)`: each param placed by its logical axis names. Each device
+                 reads only its own shards, so a model larger than one host's memory restores directly.
     compute:     override the saved compute settings (dtype, precision, attention backend).
     param_dtype: the params' dtype after loading (default: as stored); each tensor is cast as it is read,
                  so a float32 bundle loaded as bfloat16 never holds a float32 copy of the whole model.
@@ -259,7 +303,9 @@ def load(
     wanted = _dtypes(path, _checked_meta(path, expected_kind), param_dtype)
     model = build_abstract(path, compute)
     state = nnx.state(model, nnx.Param)
-    target = _target(nnx.to_pure_dict(state), sharding, wanted)
+    if isinstance(sharding, LogicalSharding):
+        sharding = sharding.shardings(state)
+    target = _target(nnx.to_pure_dict(state), sharding, wanted, path)
     restored = _restore(path, target, ocp.checkpoint_utils.construct_restore_args(target))
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

@@ -15,7 +15,7 @@ from flax import nnx
 from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.attention_ops import dot_product_attention
 from xdyna_jax.nn.compute import Compute
-from xdyna_jax.nn.layers import linear
+from xdyna_jax.nn.layers import axis_names, linear
 from xdyna_jax.nn.norms import LayerNorm
 
 ACTIVATIONS = {
@@ -72,9 +72,12 @@ class CLIPTextConfig(ConfigMixin):
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs):
         dtype = cfg.compute.jnp_dtype
-        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        table = axis_names(("vocab", "embed"))
+        self.token_embedding = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, embedding_metadata=table, rngs=rngs
+        )
         self.position_embedding = nnx.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, embedding_metadata=table, rngs=rngs
         )
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -93,10 +96,10 @@ class CLIPAttention(nnx.Module):
         self.heads = cfg.num_attention_heads
         self.causal = causal
         self.compute = compute
-        self.q_proj = linear(d, d, compute, rngs)
-        self.k_proj = linear(d, d, compute, rngs)
-        self.v_proj = linear(d, d, compute, rngs)
-        self.out_proj = linear(d, d, compute, rngs)
+        self.q_proj = linear(d, d, compute, rngs, names=("embed", "heads"))
+        self.k_proj = linear(d, d, compute, rngs, names=("embed", "heads"))
+        self.v_proj = linear(d, d, compute, rngs, names=("embed", "heads"))
+        self.out_proj = linear(d, d, compute, rngs, names=("heads", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         def heads(t):
@@ -118,7 +121,7 @@ class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, rngs: nnx.Rngs):
         self.act = cfg.hidden_act
         self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, cfg.compute, rngs)
-        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, cfg.compute, rngs)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, cfg.compute, rngs, names=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))

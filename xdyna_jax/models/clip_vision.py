@@ -20,7 +20,7 @@ from flax import nnx
 from xdyna_jax.models.clip_text import ACTIVATIONS, CLIPEncoder
 from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.compute import Compute
-from xdyna_jax.nn.layers import conv, linear
+from xdyna_jax.nn.layers import axis_names, conv, linear, param
 from xdyna_jax.nn.norms import LayerNorm
 
 
@@ -86,12 +86,20 @@ class CLIPVisionOutput(NamedTuple):
 class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
         d, compute = cfg.hidden_size, cfg.compute
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), jnp.float32) * d**-0.5)
+        self.class_embedding = param(
+            jax.random.normal(rngs.params(), (d,), jnp.float32) * d**-0.5, ("embed",)
+        )
         # Non-overlapping patches: a stride-p convolution with no padding and no bias.
         self.patch_embedding = conv(
             cfg.num_channels, d, cfg.patch_size, compute, rngs, stride=cfg.patch_size, padding=0, bias=False
         )
-        self.position_embedding = nnx.Embed(cfg.num_positions, d, dtype=compute.jnp_dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(
+            cfg.num_positions,
+            d,
+            dtype=compute.jnp_dtype,
+            embedding_metadata=axis_names(("vocab", "embed")),
+            rngs=rngs,
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         patches = self.patch_embedding(pixel_values)  # (B, H/p, W/p, D)

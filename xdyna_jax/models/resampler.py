@@ -19,7 +19,7 @@ from flax import nnx
 from xdyna_jax.models.config_utils import ConfigMixin
 from xdyna_jax.nn.attention_ops import dot_product_attention
 from xdyna_jax.nn.compute import Compute
-from xdyna_jax.nn.layers import linear
+from xdyna_jax.nn.layers import linear, param
 from xdyna_jax.nn.norms import LayerNorm
 
 _EPS = 1e-5  # every LayerNorm of the Resampler is torch's default
@@ -60,9 +60,10 @@ class PerceiverAttention(nnx.Module):
         self.compute = c
         self.norm1 = LayerNorm(cfg.dim, _EPS)  # image features
         self.norm2 = LayerNorm(cfg.dim, _EPS)  # latents
-        self.to_q = linear(cfg.dim, cfg.inner_dim, c, rngs, bias=False)
-        self.to_kv = linear(cfg.dim, 2 * cfg.inner_dim, c, rngs, bias=False)  # [k | v] along the output axis
-        self.to_out = linear(cfg.inner_dim, cfg.dim, c, rngs, bias=False)
+        self.to_q = linear(cfg.dim, cfg.inner_dim, c, rngs, bias=False, names=("embed", "heads"))
+        # [k | v] along the output axis
+        self.to_kv = linear(cfg.dim, 2 * cfg.inner_dim, c, rngs, bias=False, names=("embed", "heads"))
+        self.to_out = linear(cfg.inner_dim, cfg.dim, c, rngs, bias=False, names=("heads", "embed"))
 
     def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
         x, latents = self.norm1(x), self.norm2(latents)
@@ -91,7 +92,7 @@ def _feed_forward(cfg: ResamplerConfig, rngs: nnx.Rngs) -> nnx.List:
             LayerNorm(cfg.dim, _EPS),
             linear(cfg.dim, inner, c, rngs, bias=False),
             GELU(),
-            linear(inner, cfg.dim, c, rngs, bias=False),
+            linear(inner, cfg.dim, c, rngs, bias=False, names=("mlp", "embed")),
         ]
     )
 
@@ -105,11 +106,12 @@ class Resampler(nnx.Module):
     def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
         self.config = config
         cfg, c = config, config.compute
-        self.latents = nnx.Param(
-            jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.dim), jnp.float32) * cfg.dim**-0.5
+        self.latents = param(
+            jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.dim), jnp.float32) * cfg.dim**-0.5,
+            (None, None, "embed"),
         )
         self.proj_in = linear(cfg.embedding_dim, cfg.dim, c, rngs)
-        self.proj_out = linear(cfg.dim, cfg.output_dim, c, rngs)
+        self.proj_out = linear(cfg.dim, cfg.output_dim, c, rngs, names=("mlp", "embed"))
         self.norm_out = LayerNorm(cfg.output_dim, _EPS)
         self.layers = nnx.List(
             [nnx.List([PerceiverAttention(cfg, rngs), _feed_forward(cfg, rngs)]) for _ in range(cfg.depth)]

@@ -21,6 +21,7 @@ from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import conv
 from xdyna_jax.nn.motion import MotionSpec
 from xdyna_jax.nn.norms import GroupNorm
+from xdyna_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ class UNet(UNetEncoder):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, block_skips, temb, context, size, video, ip_scale=ip_scale)
+            x = constrain_batch(block(x, block_skips, temb, context, size, video, ip_scale=ip_scale))
 
         norm = video.norm_fn or (lambda n, h: n(h))
         x = self.conv_out(jax.nn.silu(norm(self.conv_norm_out, x)))

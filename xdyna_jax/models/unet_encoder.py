@@ -29,6 +29,7 @@ from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.embeddings import TimestepEmbedding, timestep_features
 from xdyna_jax.nn.layers import conv
 from xdyna_jax.nn.transformer import TransformerSpec
+from xdyna_jax.sharding import constrain_batch
 
 # diffusers options neither model implements: a config that sets them is refused, never silently ignored.
 _UNSUPPORTED = {
@@ -175,11 +176,14 @@ class UNetEncoder(nnx.Module):
         Returns the mid block's output and the skips (conv_in's output, then one per down-block layer and
         downsampler), in the order the up blocks consume them from the end.
         """
-        x = self.conv_in(x)
+        # constrain_batch (a no-op without an active mesh and rules) keeps the examples split over the
+        # data-parallel devices at block boundaries, whatever the compiler would infer from the weights.
+        x = self.conv_in(constrain_batch(x))
         if input_residual is not None:
             x = x + input_residual
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context, video, ip_scale=ip_scale)
+            x = constrain_batch(x)
             skips.extend(block_skips)
-        return self.mid_block(x, temb, context, video, ip_scale=ip_scale), skips
+        return constrain_batch(self.mid_block(x, temb, context, video, ip_scale=ip_scale)), skips

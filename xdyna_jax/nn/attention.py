@@ -35,10 +35,10 @@ class Attention(nnx.Module):
         kv_dim = cross_attention_dim or query_dim
         self.heads = heads
         self.compute = compute
-        self.to_q = linear(query_dim, inner, compute, rngs, bias=qkv_bias)
-        self.to_k = linear(kv_dim, inner, compute, rngs, bias=qkv_bias)
-        self.to_v = linear(kv_dim, inner, compute, rngs, bias=qkv_bias)
-        self.to_out = nnx.List([linear(inner, query_dim, compute, rngs)])
+        self.to_q = linear(query_dim, inner, compute, rngs, bias=qkv_bias, names=("embed", "heads"))
+        self.to_k = linear(kv_dim, inner, compute, rngs, bias=qkv_bias, names=("embed", "heads"))
+        self.to_v = linear(kv_dim, inner, compute, rngs, bias=qkv_bias, names=("embed", "heads"))
+        self.to_out = nnx.List([linear(inner, query_dim, compute, rngs, names=("heads", "embed"))])
 
     def split_heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, x.shape[-1] // self.heads)
@@ -77,9 +77,9 @@ class AdapterSelfAttention(Attention):
     def __init__(self, query_dim: int, *, heads: int, dim_head: int, compute: Compute, rngs: nnx.Rngs):
         super().__init__(query_dim, heads=heads, dim_head=dim_head, compute=compute, rngs=rngs)
         inner = heads * dim_head
-        self.to_q_ff = linear(query_dim, inner, compute, rngs, bias=False)
+        self.to_q_ff = linear(query_dim, inner, compute, rngs, bias=False, names=("embed", "heads"))
         self.to_q_ff.kernel.set_value(self.to_q.kernel.get_value())
-        self.to_out_ff = linear(inner, query_dim, compute, rngs)
+        self.to_out_ff = linear(inner, query_dim, compute, rngs, names=("heads", "embed"))
         self.to_out_ff.kernel.set_value(jax.numpy.zeros_like(self.to_out_ff.kernel.get_value()))
 
     def __call__(
@@ -128,8 +128,8 @@ class IPCrossAttention(Attention):
         )
         inner = heads * dim_head
         self.ip_tokens = ip_tokens
-        self.to_k_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
-        self.to_v_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False)
+        self.to_k_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False, names=("embed", "heads"))
+        self.to_v_ip = linear(cross_attention_dim, inner, compute, rngs, bias=False, names=("embed", "heads"))
 
     def __call__(
         self, x: jax.Array, context: jax.Array | None = None, *, frames=1, ip_scale=1.0

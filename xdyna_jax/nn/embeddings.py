@@ -29,7 +29,7 @@ def timestep_features(
 class TimestepEmbedding(nnx.Module):
     def __init__(self, in_dim: int, dim: int, compute: Compute, rngs: nnx.Rngs):
         self.linear_1 = linear(in_dim, dim, compute, rngs)
-        self.linear_2 = linear(dim, dim, compute, rngs)
+        self.linear_2 = linear(dim, dim, compute, rngs, names=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -3,6 +3,15 @@
 Attribute names follow the PyTorch originals; leaves are Flax's (`kernel`, `bias`), so a converted key is
 the PyTorch key with `weight` -> `kernel` and the layout transposed (see convert/state.py).
 Convs compute through `xdyna_jax.nn.conv.conv2d`, which on CPU lowers small-extent convs as one matmul.
+
+Every parameter carries logical axis names, one per dimension (Flax's `out_sharding` metadata), which
+`xdyna_jax.sharding` maps onto mesh axes through one rules table. The vocabulary:
+  embed            a model's channel width (the narrow side of a projection; attention in/out width)
+  heads / mlp      the wide side: attention q/k/v outputs and out-projection inputs / feed-forward hidden
+  conv_in/conv_out a conv kernel's input / output channels (kernel height and width are None)
+  norm             GroupNorm / LayerNorm scales and biases
+  vocab            rows of an embedding table (tokens, positions)
+A bias takes the name of its layer's output dimension.
 """
 
 from __future__ import annotations
@@ -14,8 +23,33 @@ from xdyna_jax.nn.bf16_weights import dot_general
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.conv import conv2d
 
+LINEAR_NAMES = ("embed", "mlp")
+CONV_NAMES = ("conv_in", "conv_out")
 
-def linear(din: int, dout: int, compute: Compute, rngs: nnx.Rngs, *, bias: bool = True) -> nnx.Linear:
+
+def axis_names(names: tuple[str | None, ...]) -> dict:
+    """Param metadata naming each dimension. Not eagerly sharded: the names only say where a param may
+    go, `xdyna_jax.sharding` decides (so building a model never needs an active mesh)."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def param(value, names: tuple[str | None, ...]) -> nnx.Param:
+    """An `nnx.Param` holding `value` with one logical axis name per dimension."""
+    if len(names) != value.ndim:
+        raise ValueError(f"param of shape {value.shape} given {len(names)} axis names {names}")
+    return nnx.Param(value, **axis_names(names))
+
+
+def linear(
+    din: int,
+    dout: int,
+    compute: Compute,
+    rngs: nnx.Rngs,
+    *,
+    bias: bool = True,
+    names: tuple[str, str] = LINEAR_NAMES,
+) -> nnx.Linear:
+    """`names`: the logical axes of the kernel (in, out); the bias is named by the output's."""
     return nnx.Linear(
         din,
         dout,
@@ -24,6 +58,8 @@ def linear(din: int, dout: int, compute: Compute, rngs: nnx.Rngs, *, bias: bool 
         param_dtype=jnp.float32,
         precision=compute.lax_precision,
         dot_general=dot_general,
+        kernel_metadata=axis_names(names),
+        bias_metadata=axis_names(names[1:]),
         rngs=rngs,
     )
 
@@ -38,11 +74,13 @@ def conv(
     stride: int = 1,
     padding: int | str = "auto",
     bias: bool = True,
+    names: tuple[str, str] = CONV_NAMES,
 ) -> nnx.Conv:
     """PyTorch-style Conv2d on NHWC: symmetric `padding` pixels (default kernel//2), never Flax 'SAME'.
 
     An `nnx.Conv` (leaves `kernel` [kh, kw, I, O] and `bias`) whose convolution is `conv2d`: the native
     XLA conv, or on CPU an im2col matmul where that is faster (same numbers to fp32 rounding).
+    `names`: the logical axes of the input / output channels (kernel height and width are unnamed).
     """
     pad = kernel // 2 if padding == "auto" else padding
     return nnx.Conv(
@@ -56,5 +94,7 @@ def conv(
         param_dtype=jnp.float32,
         precision=compute.lax_precision,
         conv_general_dilated=conv2d,
+        kernel_metadata=axis_names((None, None, *names)),
+        bias_metadata=axis_names(names[1:]),
         rngs=rngs,
     )

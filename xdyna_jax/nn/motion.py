@@ -102,7 +102,7 @@ class TemporalTransformer3DModel(nnx.Module):
                 for _ in range(spec.num_layers)
             ]
         )
-        self.proj_out = linear(channels, channels, compute, rngs)
+        self.proj_out = linear(channels, channels, compute, rngs, names=("mlp", "embed"))
 
     def __call__(self, x: jax.Array, frames: int) -> jax.Array:
         bf, height, width, c = x.shape

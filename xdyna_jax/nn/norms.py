@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xdyna_jax.nn.layers import param
+
 
 class GroupNorm(nnx.Module):
     def __init__(self, num_channels: int, num_groups: int, eps: float, *, affine: bool = True):
@@ -18,8 +20,8 @@ class GroupNorm(nnx.Module):
             raise ValueError(f"GroupNorm: {num_groups} groups do not divide {num_channels} channels")
         self.num_groups = num_groups
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32)) if affine else None
+        self.scale = param(jnp.ones((num_channels,), jnp.float32), ("norm",)) if affine else None
+        self.bias = param(jnp.zeros((num_channels,), jnp.float32), ("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -37,8 +39,8 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     def __init__(self, num_channels: int, eps: float = 1e-5):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+        self.scale = param(jnp.ones((num_channels,), jnp.float32), ("norm",))
+        self.bias = param(jnp.zeros((num_channels,), jnp.float32), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype

@@ -34,7 +34,13 @@ class Identity(nnx.Module):
 class FeedForward(nnx.Module):
     def __init__(self, dim: int, compute: Compute, rngs: nnx.Rngs, *, mult: int = 4):
         inner = dim * mult
-        self.net = nnx.List([GEGLU(dim, inner, compute, rngs), Identity(), linear(inner, dim, compute, rngs)])
+        self.net = nnx.List(
+            [
+                GEGLU(dim, inner, compute, rngs),
+                Identity(),
+                linear(inner, dim, compute, rngs, names=("mlp", "embed")),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.net:
@@ -89,15 +95,15 @@ class Transformer2DModel(nnx.Module):
             raise ValueError(f"{heads} attention heads do not divide {channels} channels")
         self.norm = GroupNorm(channels, spec.norm_groups, 1e-6)
         make_proj = (
-            (lambda: linear(channels, channels, compute, rngs))
+            (lambda names: linear(channels, channels, compute, rngs, names=names))
             if spec.use_linear_projection
-            else (lambda: conv(channels, channels, 1, compute, rngs))
+            else (lambda _: conv(channels, channels, 1, compute, rngs))
         )
-        self.proj_in = make_proj()
+        self.proj_in = make_proj(("embed", "mlp"))
         self.transformer_blocks = nnx.List(
             [BasicTransformerBlock(channels, heads, spec, compute, rngs) for _ in range(spec.num_layers)]
         )
-        self.proj_out = make_proj()
+        self.proj_out = make_proj(("mlp", "embed"))
 
     def __call__(
         self, x: jax.Array, context: jax.Array, *, frames: int = 1, ip_scale: float = 1.0
