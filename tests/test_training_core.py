@@ -7,16 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from oracle import TINY_UNET, random_torch_state, rel_err
 
 from configs import train_xdyna
+from configs.sharding import sharding_section
 from convert.state import load_torch_state
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.models.xdyna import XDynaDenoiser
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
-from xdyna_jax.sharding import make_mesh
+from xdyna_jax.sharding import logical_spec, make_mesh, param_shardings, rules_from_config
 from xdyna_jax.training.objective import ObjectiveConfig, diffusion_loss, draw, drop_image_tokens
 from xdyna_jax.training.optimizer import OptimizerConfig
 from xdyna_jax.training.step import StepConfig, Trainer, step_key
@@ -82,7 +84,7 @@ def _flat(state) -> dict:
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def _run(denoiser, step_cfg, steps=2, mesh=None, batch=None):
+def _run(denoiser, step_cfg, steps=2, mesh=None, batch=None, **compile_kw):
     """(trainer, params before, state after `steps` steps, metrics of each step) on `mesh` (default 1 device)."""
     trainer = Trainer(denoiser, step_cfg, OptimizerConfig(learning_rate=1e-4, warmup_steps=4, ema_decay=0.5))
     before = _flat(nnx.state(denoiser, nnx.Param))
@@ -90,7 +92,7 @@ def _run(denoiser, step_cfg, steps=2, mesh=None, batch=None):
     state = trainer.init_state(trainable, frozen, jnp.full((2, 8), 0.5), jax.random.key(3))
     batch = tiny_batch() if batch is None else batch
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
-    step = trainer.compile(state, batch, mesh, compiler_options=FAST_COMPILE)
+    step = trainer.compile(state, batch, mesh, compiler_options=FAST_COMPILE, **compile_kw)
     assert step.memory["peak"] > 0
     state, metrics = step.place_state(state), []
     for _ in range(steps):
@@ -247,16 +249,41 @@ def test_stage2_trains_exactly_the_face_controlnet_with_bf16_frozen_weights(stag
     assert all(v.dtype == np.float32 for v in _flat(state.trainable).values())
 
 
-def test_sharded_rematerialised_step_equals_the_single_device_step(stage2_run):
-    """8 devices, batch split over data, params replicated, every block under full remat == 1 device."""
+def test_fsdp_sharded_rematerialised_step_equals_the_single_device_step(stage2_run):
+    """8 devices (data 2 x fsdp 4): params, EMA and Adam moments placed by the config's rules, the batch over
+    data x fsdp, every block under full remat == 1 device."""
     _, _, single, single_metrics = stage2_run
+    mesh = make_mesh(data=2, fsdp=4)
+    rules = rules_from_config(sharding_section().rules)
     remat = dict(down_blocks="full", mid_block="full", up_blocks="full")
+    denoiser = tiny_denoiser(video=False, pose=False)
+    names = {tuple(p): v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(nnx.state(denoiser))}
     _, _, sharded, metrics = _run(
-        tiny_denoiser(video=False, pose=False),
+        denoiser,
         StepConfig(trainable="stage2", frozen_dtype="bfloat16", remat=remat),
-        mesh=make_mesh(),
+        mesh=mesh,
+        param_shardings=lambda tree: param_shardings(tree, mesh, rules),
+        batch_sharding=lambda m: NamedSharding(m, PartitionSpec(("data", "fsdp"))),
     )
-    assert len(jax.tree_util.tree_leaves(sharded.trainable)[0].sharding.device_set) == 8
+
+    def placed_by_rules(tree, what):
+        split = 0
+        for path, var in nnx.to_flat_state(tree):
+            value = var.get_value()
+            expected = logical_spec(names[tuple(path)], value.shape, mesh, rules)
+            assert value.sharding.spec == expected, (what, path, value.sharding.spec, expected)
+            split += "fsdp" in jax.tree_util.tree_leaves(tuple(expected))
+        assert split, f"no {what} is split over fsdp"
+
+    adam = next(s for s in jax.tree_util.tree_leaves(sharded.opt_state, is_leaf=lambda x: hasattr(x, "mu")))
+    for tree, what in (
+        (sharded.trainable, "param"),
+        (sharded.ema, "EMA"),
+        (adam.mu, "Adam mu"),
+        (adam.nu, "Adam nu"),
+    ):
+        placed_by_rules(tree, what)
+    placed_by_rules(sharded.frozen, "frozen param")
     for a, b in zip(metrics, single_metrics, strict=True):
         assert rel_err(a["loss"], b["loss"]) < 1e-5 and rel_err(a["grad_norm"], b["grad_norm"]) < 1e-5
     one, eight = _flat(single.trainable), _flat(sharded.trainable)
