@@ -6,6 +6,7 @@ training package's dataclasses (checking the trainable set's name before anythin
 
 import ml_collections
 
+from configs.sharding import sharding_section
 from xdyna_jax.training.objective import ObjectiveConfig
 from xdyna_jax.training.optimizer import OptimizerConfig
 from xdyna_jax.training.step import StepConfig
@@ -39,6 +40,25 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
 
     cfg.frames = 16  # driven frames per training window (+ the reference): the paper's 16
     cfg.height, cfg.width = 896, 512
+
+    # the run (train.py): global batch, models' compute, mesh, schedule of logs / checkpoints / validation
+    cfg.batch_size = 8  # examples per optimizer step over all devices
+    cfg.seed = 0  # the TrainState's base key, data order, fresh ControlNet parts
+    cfg.compute = ml_collections.ConfigDict(dict(dtype="bfloat16", precision="default", attention="chunked"))
+    cfg.sharding = sharding_section()
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 100_000
+    cfg.train.log_every = 50  # also the NaN/Inf check: the only host syncs between saves
+    cfg.train.save_every = 1000
+    cfg.train.keep = 3  # checkpoints kept
+    cfg.train.val_every = 1000  # validation loss on --val-data (0: never)
+    cfg.train.val_batches = 4
+    cfg.train.mfu = True  # count the step's FLOPs once (a trace of the step) to log the FLOP utilisation
+    cfg.train.export = True  # write OUTPUT/bundle at the end
+    cfg.train.export_ema = True  # the exported bundle holds the EMA weights when an EMA is kept
+    cfg.compiler_options = ml_collections.ConfigDict()  # free-form XLA options of the train step
+    cfg.debug = ml_collections.ConfigDict()
+    cfg.debug.nan_at_step = 0  # > 0: that step's batch is poisoned with NaN (to test the NaN stop)
     return cfg
 
 

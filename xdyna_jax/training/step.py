@@ -128,6 +128,10 @@ class Trainer:
         """The denoiser with the state's current weights (for validation or export)."""
         return nnx.merge(self.graphdef, state.trainable, state.frozen)
 
+    def loss(self, state: TrainState, batch: dict, key: jax.Array) -> jax.Array:
+        """The objective of `batch` at the state's weights, without an update (validation, FLOP counts)."""
+        return self._loss(state.trainable, state.frozen, state.null_image_tokens, batch, key)
+
     def _loss(self, trainable, frozen, null_tokens, batch, key):
         denoiser = nnx.merge(self.graphdef, trainable, frozen)
         draws = draw(key, batch["latents"].shape, self.objective)

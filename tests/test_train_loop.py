@@ -1,0 +1,226 @@
+"""train.py end to end on a one-block X-Dyna saved to disk: a run killed with SIGKILL and resumed ends
+bit-identical to an uninterrupted one, SIGTERM saves before exiting, a NaN loss stops the run with the last
+good checkpoint intact, a checkpoint restores onto another mesh, and the exported bundle samples through
+sample.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from oracle import random_torch_state, save_xdyna_folder, write_tokenizer
+
+import sample
+import train
+import xdyna_jax
+from convert.state import load_torch_state
+from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+from xdyna_jax.io.video import write_video
+from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from xdyna_jax.models.resampler import Resampler, ResamplerConfig
+from xdyna_jax.models.unet import UNet, UNetConfig
+from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
+from xdyna_jax.models.xdyna import XDynaDenoiser
+from xdyna_jax.nn.shape_only import shape_only_model
+from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+from xdyna_jax.training import export
+from xdyna_jax.training.checkpoint import Checkpoints
+from xdyna_jax.training.sources import write_npz_example
+
+ROOT = Path(__file__).resolve().parents[1]
+H = W = 8  # frames; the one-block VAE keeps the resolution (latents 8 x 8)
+ENCODER = dict(
+    block_out_channels=(8,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=8,
+    attention_head_dim=2,
+)
+FAST_COMPILE = ["compiler_options.xla_backend_optimization_level=0",
+                "compiler_options.xla_llvm_disable_expensive_passes=True"]  # fmt: skip
+OVERRIDES = [
+    f"height={H}", f"width={W}", "frames=2", "batch_size=2", "compute.dtype=float32",
+    "step.frozen_dtype=float32", "step.remat.down_blocks=none", "step.remat.mid_block=none",
+    "step.remat.up_blocks=none", "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=0",
+    "optimizer.ema_decay=0.5", "train.log_every=2", "train.save_every=2", "train.mfu=False", "train.export=False", *FAST_COMPILE,
+]  # fmt: skip
+
+
+def _random(cls, cfg, seed):
+    return load_torch_state(shape_only_model(cls, cfg), random_torch_state(cls, cfg, seed), source="test")
+
+
+def one_block_xdyna(tmp):
+    """The smallest X-Dyna with every part (its train step compiles in seconds)."""
+    unet = UNetConfig(
+        **ENCODER, up_block_types=("CrossAttnUpBlock2D",), dynamics_adapter=True, ip_adapter_tokens=2,
+        motion_modules=True, motion_max_len=24, motion_norm_groups=4, motion_heads=2,
+        groupnorm_over_frames=True, skip_reference_frame=True,
+    )  # fmt: skip
+    cn = lambda c: ControlNetConfig(
+        **ENCODER, conditioning_channels=c, conditioning_embedding_out_channels=(4,)
+    )  # noqa: E731
+    vae = VAEConfig(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              projection_dim=8, patch_size=56)  # fmt: skip
+    resampler = ResamplerConfig(
+        dim=8, depth=1, dim_head=4, heads=2, num_queries=2, embedding_dim=16, output_dim=8
+    )
+    text = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                          vocab_size=1000, max_position_embeddings=77)  # fmt: skip
+    return XDyna(
+        denoiser=XDynaDenoiser(
+            _random(UNet, unet, 0), _random(ControlNetModel, cn(3), 1), _random(ControlNetModel, cn(6), 2)
+        ),  # fmt: skip
+        vae=_random(AutoencoderKL, vae, 3),
+        text_encoder=_random(CLIPTextModel, text, 4),
+        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp / "tokenizer")),
+        image_encoder=_random(CLIPVisionModelWithProjection, vision, 5),
+        resampler=_random(Resampler, resampler, 6),
+        scheduler=XDYNA_SCHEDULER,
+        manifest={"kind": "xdyna"},
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_xdyna_folder(one_block_xdyna(root), root / "xdyna", face=False)
+    rng = np.random.default_rng(0)
+    for name, count in (("data", 6), ("val", 2)):
+        (root / name).mkdir()
+        for i in range(count):
+            example = dict(
+                frames=rng.integers(0, 256, (3, H, W, 3), dtype=np.uint8),
+                pose=rng.integers(0, 256, (2, H, W, 3), dtype=np.uint8),
+                face=rng.integers(0, 256, (2, H, W, 6), dtype=np.uint8),
+            )
+            write_npz_example(root / name / f"clip{i}.npz", example)
+    return root
+
+
+def argv(files, output, *extra, steps=6):
+    sets = [a for s in OVERRIDES for a in ("--set", s)]
+    return ["--config", "stage1", "--init", f"xdyna={files / 'xdyna'}", "--data", str(files / "data"),
+            "--output", str(output), "--steps", str(steps), "--devices", "1", *sets, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs (the subprocesses and this process compile
+    the same programs); this process's settings are restored afterwards."""
+    folder = tmp_path_factory.mktemp("jax_cache")
+    keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    old = {k: getattr(jax.config, k) for k in keys}
+    sample.configure_compile_cache(folder)
+    yield folder
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def _params(state_tree) -> dict:
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state_tree)}
+
+
+def _steps(folder: Path) -> list[int]:
+    ckpt = folder / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def _start(files, output, cache, *extra):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py"), *argv(files, output, *extra, steps=1000)]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_checkpoint(proc, output, after: int, timeout=120):
+    t0 = time.time()
+    while not any(s > after for s in _steps(output)):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < timeout, "no checkpoint written"
+        time.sleep(0.05)
+
+
+def _restore(output, step=None):
+    ckpts = Checkpoints(output / "checkpoints", asynchronous=False)
+    state = ckpts.manager.restore(step or ckpts.latest_step())
+    ckpts.close()
+    return state
+
+
+def test_killed_and_resumed_run_ends_bit_identical_and_sigterm_saves_first(files, tmp_path, compile_cache):
+    run = tmp_path / "interrupted"
+    proc = _start(files, run, compile_cache)  # 1000 steps: it is stopped long before
+    _wait_for_checkpoint(proc, run, after=0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_steps(run))
+    proc = _start(files, run, compile_cache, "--resume", "--set", "train.save_every=1000")
+    out = ""
+    t0 = time.time()
+    while "step " not in out:  # a step logged after resuming: then SIGTERM
+        assert proc.poll() is None and time.time() - t0 < 120
+        line = proc.stdout.readline()
+        out += line if line.startswith("step ") else ""
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    stopped_at = max(_steps(run))
+    assert stopped_at > killed_at and stopped_at % 1000  # saved on SIGTERM, off the save interval
+    assert f"SIGTERM: saved step {stopped_at}" in rest
+    total = stopped_at + 2
+    assert train.main([*argv(files, run, steps=total), "--resume"]) == 0
+    assert train.main(argv(files, tmp_path / "straight", steps=total)) == 0
+    a, b = _restore(run), _restore(tmp_path / "straight")
+    assert int(a["state"]["step"]) == int(b["state"]["step"]) == total
+    for item in ("trainable", "opt_state", "ema"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a["state"][item], b["state"][item])
+    assert a["data"] == b["data"]
+    # the uninterrupted run's checkpoint -> a bundle that sample.py animates with
+    bundle = tmp_path / "bundle"
+    assert export.main([str(tmp_path / "straight"), "--output", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["weights"] == "ema" and manifest["step"] == total
+    unet = _params(nnx.state(xdyna_jax.load(bundle / "unet"), nnx.Param))
+    unet = {".".join(map(str, k)): v for k, v in unet.items()}
+    ema = jax.tree_util.tree_flatten_with_path(b["state"]["ema"])[0]
+    for path, value in ema:  # the exported UNet holds the EMA of the trained set
+        keys = [str(getattr(k, "key", k)) for k in path]
+        keys = keys[:-1] if keys[-1] == "value" else keys  # the restored dict keeps the Variable level
+        if keys[0] == "unet":
+            np.testing.assert_array_equal(unet[".".join(keys[1:])], value)
+    write_video(tmp_path / "pose.mp4", np.zeros((2, 24, 16, 3), np.uint8) + 128, fps=10)
+    import imageio.v2 as imageio
+
+    imageio.imwrite(tmp_path / "ref.png", np.full((24, 16, 3), 90, np.uint8))
+    sample_args = ["--model", str(bundle), "--reference", str(tmp_path / "ref.png"), "--pose",
+                   str(tmp_path / "pose.mp4"), "--out", str(tmp_path / "out.mp4"), "--height", "24", "--width",
+                   "16", "--steps", "1", "--devices", "1", "--no-compile-cache"]  # fmt: skip
+    assert sample.main(sample_args) == 0 and (tmp_path / "out.mp4").is_file()
+    assert unet
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path, compile_cache, capsys):
+    run = tmp_path / "nan"
+    assert train.main(argv(files, run, "--set", "debug.nan_at_step=3", steps=6)) == 3
+    err = capsys.readouterr().err
+    assert "error: loss is nan at step 3 (steps 3..4 checked here)" in err
+    assert "last good checkpoint: step 2" in err
+    assert _steps(run) == [2]
+    state = _restore(run)["state"]
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["trainable"]))
