@@ -39,6 +39,9 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.objective.image_dropout = 0.05  # IP tokens -> zero-image tokens, for CFG on the image prompt
 
     cfg.frames = 16  # driven frames per training window (+ the reference): the paper's 16
+    # clips of a prepared dataset (python -m xdyna_jax.data.prepare; see xdyna_jax.data.DataConfig)
+    cfg.data = ml_collections.ConfigDict(dict(stride=1, flip_prob=0.5, max_scale=1.0, face="auto"))
+    cfg.data.scene_ratio = 0.1  # share of scene clips when --scene-data is given (harmonic data fusion)
     cfg.height, cfg.width = 896, 512
 
     # the run (train.py): global batch, models' compute, mesh, schedule of logs / checkpoints / validation

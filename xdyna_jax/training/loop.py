@@ -122,9 +122,12 @@ def train(spec: RunSpec) -> int:
         )
     total, every = int(cfg.train.steps), int(cfg.train.save_every)
     pid, nproc = jax.process_index(), jax.process_count()
+    data = cfg.data.to_dict() if "data" in cfg else {}
+    clips = dict(num_frames=int(cfg.frames), **{k: v for k, v in data.items() if k != "scene_ratio"})
     source = open_source(
-        spec.data, seed=int(cfg.seed), process_index=pid, process_count=nproc, scene=spec.scene_data
-    )
+        spec.data, seed=int(cfg.seed), process_index=pid, process_count=nproc, scene=spec.scene_data,
+        scene_ratio=float(data.get("scene_ratio", 0.1)), clips=clips,
+    )  # fmt: skip
 
     devices = jax.devices() if spec.devices is None else jax.devices()[: spec.devices]
     mesh = mesh_from_config(cfg.sharding.mesh, devices)
@@ -173,7 +176,10 @@ def train(spec: RunSpec) -> int:
 
     val_batches = []
     if spec.val_data and int(cfg.train.val_every) > 0:
-        val_source = open_source(spec.val_data, seed=int(cfg.seed), process_index=pid, process_count=nproc)
+        val_source = open_source(
+            spec.val_data, seed=int(cfg.seed), process_index=pid, process_count=nproc,
+            clips={**clips, "flip_prob": 0.0, "max_scale": 1.0},
+        )  # fmt: skip
         val_key = jax.random.fold_in(base_key, _VALIDATION_TAG)
         for i in range(int(cfg.train.val_batches)):
             val_batches.append(

@@ -133,6 +133,34 @@ class MixedSource:
         self.scene.set_state(state["scene"])
 
 
+class PreparedClips:
+    """A dataset written by `python -m xdyna_jax.data.prepare`, through its grain clip pipeline (sharded by
+    process, augmented, human and scene clips mixed there); the position is grain's iterator state."""
+
+    def __init__(self, cfg, process_index: int, process_count: int):
+        import grain
+
+        from xdyna_jax.data.pipeline import make_iterator
+
+        self._it = make_iterator(cfg, grain.sharding.ShardOptions(process_index, process_count))
+
+    def __iter__(self) -> PreparedClips:
+        return self
+
+    def __next__(self) -> dict:
+        from xdyna_jax.data.pipeline import strip_bookkeeping
+
+        example = strip_bookkeeping(next(self._it))
+        example.pop("scene", None)  # scene clips already carry blank conditions
+        return example
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+
 def open_source(
     folder: str | Path,
     *,
@@ -141,9 +169,11 @@ def open_source(
     process_count: int = 1,
     scene: str | Path | None = None,
     scene_ratio: float = 0.1,
+    clips: dict | None = None,
 ) -> ExampleSource:
     """The example source of a data folder (and of a scene folder mixed in): folders of `.npz` examples,
-    or datasets written by `python -m xdyna_jax.data.prepare` (read through its grain pipeline)."""
+    or datasets written by `python -m xdyna_jax.data.prepare` (read through its grain pipeline, with the
+    clip options `clips`: num_frames, stride, flip_prob, max_scale, face; see `xdyna_jax.data.DataConfig`)."""
     shard = dict(process_index=process_index, process_count=process_count)
     folder = Path(folder)
     if folder.is_dir() and any(folder.glob(f"*{EXAMPLE_SUFFIX}")):
@@ -151,5 +181,17 @@ def open_source(
         if scene is None:
             return human
         return MixedSource(human, NpzClips(scene, seed=seed + 1, **shard), scene_ratio, seed)
-    # prepared datasets: the lead wires xdyna_jax.data's grain pipeline in here
-    raise SourceError(f"{folder} holds no {EXAMPLE_SUFFIX} examples (prepared datasets: xdyna_jax.data)")
+    if (folder / "dataset.json").is_file():
+        from xdyna_jax.data.pipeline import DataConfig
+
+        cfg = DataConfig(
+            human=str(folder),
+            scene=None if scene is None else str(scene),
+            scene_ratio=0.0 if scene is None else scene_ratio,
+            seed=seed,
+            **(clips or {}),
+        )
+        return PreparedClips(cfg, process_index, process_count)
+    raise SourceError(
+        f"{folder} holds no {EXAMPLE_SUFFIX} examples and no dataset.json (python -m xdyna_jax.data.prepare)"
+    )
