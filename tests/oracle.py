@@ -438,3 +438,75 @@ def write_training_inputs(root, names=("a", "b", "c"), *, num_frames: int = 24, 
             fps=10,
         )
     return dirs
+
+
+def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215):
+    """The smallest X-Dyna with every part, random weights (test_train_loop, test_overfit: its train step
+    compiles in seconds): one-block UNet (adapter, 2 IP tokens, motion modules) and ControlNets, a VAE that
+    keeps the resolution, 2-layer CLIP vision, 1-layer CLIP text; its tokenizer written under
+    tmp_path/tokenizer. `vae_scaling_factor` is the VAE's latent scale (SD's by default)."""
+    from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+    from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from xdyna_jax.models.resampler import Resampler, ResamplerConfig
+    from xdyna_jax.models.unet import UNet, UNetConfig
+    from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
+    from xdyna_jax.models.xdyna import XDynaDenoiser
+    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+
+    unet = UNetConfig(
+        **ONE_BLOCK, up_block_types=("CrossAttnUpBlock2D",), dynamics_adapter=True, ip_adapter_tokens=2,
+        motion_modules=True, motion_max_len=24, motion_norm_groups=4, motion_heads=2,
+        groupnorm_over_frames=True, skip_reference_frame=True,
+    )  # fmt: skip
+
+    def controlnet(channels):
+        return ControlNetConfig(
+            **ONE_BLOCK, conditioning_channels=channels, conditioning_embedding_out_channels=(4,)
+        )
+
+    vae = VAEConfig(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                    scaling_factor=vae_scaling_factor)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              projection_dim=8, patch_size=56)  # fmt: skip
+    resampler = ResamplerConfig(
+        dim=8, depth=1, dim_head=4, heads=2, num_queries=2, embedding_dim=16, output_dim=8
+    )
+    text = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                          vocab_size=1000, max_position_embeddings=77)  # fmt: skip
+    return XDyna(
+        denoiser=XDynaDenoiser(
+            _random_model(UNet, unet, 0),
+            _random_model(ControlNetModel, controlnet(3), 1),
+            _random_model(ControlNetModel, controlnet(6), 2),
+        ),
+        vae=_random_model(AutoencoderKL, vae, 3),
+        text_encoder=_random_model(CLIPTextModel, text, 4),
+        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")),
+        image_encoder=_random_model(CLIPVisionModelWithProjection, vision, 5),
+        resampler=_random_model(Resampler, resampler, 6),
+        scheduler=XDYNA_SCHEDULER,
+        manifest={"kind": "xdyna"},
+    )
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value), ...] of every scalar in the TensorBoard event files under `folder`, in the
+    order written (event files are TFRecords: length, its CRC, the Event proto, its CRC)."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        data, i = file.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

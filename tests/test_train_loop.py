@@ -15,37 +15,18 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from oracle import random_torch_state, save_xdyna_folder, write_tokenizer
+from oracle import one_block_xdyna, save_xdyna_folder
 
 import sample
 import train
 import xdyna_jax
-from convert.state import load_torch_state
-from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.io.video import write_video
-from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-from xdyna_jax.models.unet import UNet, UNetConfig
-from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
-from xdyna_jax.models.xdyna import XDynaDenoiser
-from xdyna_jax.nn.shape_only import shape_only_model
-from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
 from xdyna_jax.training import export
 from xdyna_jax.training.checkpoint import Checkpoints
 from xdyna_jax.training.sources import write_npz_example
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8  # frames; the one-block VAE keeps the resolution (latents 8 x 8)
-ENCODER = dict(
-    block_out_channels=(8,),
-    down_block_types=("CrossAttnDownBlock2D",),
-    layers_per_block=1,
-    norm_num_groups=4,
-    cross_attention_dim=8,
-    attention_head_dim=2,
-)
 FAST_COMPILE = ["compiler_options.xla_backend_optimization_level=0",
                 "compiler_options.xla_llvm_disable_expensive_passes=True"]  # fmt: skip
 OVERRIDES = [
@@ -54,43 +35,6 @@ OVERRIDES = [
     "step.remat.up_blocks=none", "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=0",
     "optimizer.ema_decay=0.5", "train.log_every=2", "train.save_every=2", "train.mfu=False", "train.export=False", *FAST_COMPILE,
 ]  # fmt: skip
-
-
-def _random(cls, cfg, seed):
-    return load_torch_state(shape_only_model(cls, cfg), random_torch_state(cls, cfg, seed), source="test")
-
-
-def one_block_xdyna(tmp):
-    """The smallest X-Dyna with every part (its train step compiles in seconds)."""
-    unet = UNetConfig(
-        **ENCODER, up_block_types=("CrossAttnUpBlock2D",), dynamics_adapter=True, ip_adapter_tokens=2,
-        motion_modules=True, motion_max_len=24, motion_norm_groups=4, motion_heads=2,
-        groupnorm_over_frames=True, skip_reference_frame=True,
-    )  # fmt: skip
-    cn = lambda c: ControlNetConfig(
-        **ENCODER, conditioning_channels=c, conditioning_embedding_out_channels=(4,)
-    )  # noqa: E731
-    vae = VAEConfig(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1, latent_channels=4,
-                    down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                              projection_dim=8, patch_size=56)  # fmt: skip
-    resampler = ResamplerConfig(
-        dim=8, depth=1, dim_head=4, heads=2, num_queries=2, embedding_dim=16, output_dim=8
-    )
-    text = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
-                          vocab_size=1000, max_position_embeddings=77)  # fmt: skip
-    return XDyna(
-        denoiser=XDynaDenoiser(
-            _random(UNet, unet, 0), _random(ControlNetModel, cn(3), 1), _random(ControlNetModel, cn(6), 2)
-        ),  # fmt: skip
-        vae=_random(AutoencoderKL, vae, 3),
-        text_encoder=_random(CLIPTextModel, text, 4),
-        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp / "tokenizer")),
-        image_encoder=_random(CLIPVisionModelWithProjection, vision, 5),
-        resampler=_random(Resampler, resampler, 6),
-        scheduler=XDYNA_SCHEDULER,
-        manifest={"kind": "xdyna"},
-    )
 
 
 @pytest.fixture(scope="module")
