@@ -9,9 +9,10 @@ import sys
 import time
 
 
-def time_calls(fn, repeats: int) -> list[float]:
-    """Seconds of `repeats` calls of fn after one warm-up call (which also compiles, for JAX)."""
-    fn()
+def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of `repeats` calls of fn after `warmup` untimed calls (the first also compiles, for JAX)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

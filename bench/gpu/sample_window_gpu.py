@@ -39,19 +39,10 @@ import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.common import time_calls  # noqa: E402
+
 H200_BF16_DENSE_TFLOPS = 989.0
 FULL_FRAMES, FULL_HEIGHT, FULL_WIDTH = 16, 896, 512
-
-
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _jax_configs(smoke: bool, attention: str) -> dict:
@@ -147,7 +138,7 @@ def run_jax(cfgs: dict, shape: dict, warmup: int, repeats: int) -> dict:
         lowered = step.lower(*args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    times = _timed(lambda: compiled(*args).block_until_ready(), warmup, repeats)
+    times = time_calls(lambda: compiled(*args).block_until_ready(), repeats, warmup)
     out = np.asarray(compiled(*args))
     mem = compiled.memory_analysis()
     peak = None
@@ -206,7 +197,7 @@ def run_torch(smoke: bool, warmup: int, repeats: int) -> dict:
             run()
             sync()
 
-        times = _timed(call, warmup, repeats)
+        times = time_calls(call, repeats, warmup)
         res[name] = {"step_s": statistics.median(times), "min_s": min(times), "times": times}
         res[name]["finite"] = bool(torch.isfinite(out["total"]).all())
     best = min(res, key=lambda k: res[k]["step_s"])
