@@ -141,6 +141,7 @@ def memory_worker(tiny: bool, remat: str, batch_per_device: int, dump_to: str | 
         mesh,
         param_shardings=lambda tree: param_shardings(tree, mesh, rules),
         batch_sharding=batch_sharding,
+        rules=rules,
         compiler_options=options,
     )
     compile_s = time.perf_counter() - t0

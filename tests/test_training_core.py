@@ -264,6 +264,7 @@ def test_fsdp_sharded_rematerialised_step_equals_the_single_device_step(stage2_r
         mesh=mesh,
         param_shardings=lambda tree: param_shardings(tree, mesh, rules),
         batch_sharding=lambda m: NamedSharding(m, PartitionSpec(("data", "fsdp"))),
+        rules=rules,  # traced under the rules: the models' activation constraints apply
     )
 
     def placed_by_rules(tree, what):

@@ -249,18 +249,24 @@ def init_sharded(
     return nnx.merge(graphdef, state)
 
 
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec logical axis `names` give an array of `shape` under the active mesh and rules, or
+    None when no mesh is set (`jax.set_mesh`) or no rules are active (`nnx.logical_axis_rules`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    return logical_spec(names, shape, mesh, rules, what=f"activation {tuple(shape)}")
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`x` constrained to the placement its logical axis `names` get under the active mesh and rules.
 
     A no-op unless a mesh is set (`jax.set_mesh`) and rules are active (`nnx.logical_axis_rules`, or both
     through `activate`), so models call it unconditionally and single-device code is unchanged.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = nn.get_logical_axis_rules()
-    if mesh.empty or not rules:
-        return x
-    spec = logical_spec(names, x.shape, mesh, rules, what=f"activation {tuple(x.shape)}")
-    return jax.lax.with_sharding_constraint(x, spec)
+    spec = active_spec(names, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -7,7 +7,11 @@ Backends:
   - "xla":      full softmax(QK^T)V in one pair of matmuls, fp32 softmax.
   - "chunked":  (the default) one head and `chunk_size` queries at a time under `lax.map` when both
                 sequences exceed `chunk_size`, so the (Lq, Lk) score matrix of a 7168-token frame never
-                exists at once (memory O(chunk * Lk)); short sequences take the "xla" path.
+                exists at once (memory O(chunk * Lk)); short sequences take the "xla" path. The loop body
+                is checkpointed, so the backward pass recomputes one block's scores at a time instead of
+                keeping all of them. Under a device mesh with logical axis rules (`sharding.activate`) the
+                loop runs inside `shard_map` on each device's own examples (and heads): XLA cannot split
+                a loop over a sharded axis and would otherwise run every device's blocks on every device.
   - "dot_product": `jax.nn.dot_product_attention` with automatic implementation choice
                 (cuDNN flash attention on a GPU when shapes allow, XLA elsewhere).
   - "cudnn":    `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only, fails clearly otherwise.
@@ -48,6 +52,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xdyna_jax.sharding import active_spec
 
 BACKENDS = ("xla", "chunked", "dot_product", "cudnn", "splash")
 SPLASH_INTERPRET_ENV = "XDYNA_SPLASH_INTERPRET"
@@ -98,13 +104,16 @@ def _unfold_heads(x, b, h):
 
 def _blocked(q, k, v, scale, causal, precision, chunk):
     """One (head, query block) at a time: a chunk x Lk fp32 score block (4 MiB for 512 x 2048) stays in
-    cache, which on CPU is 3-6x faster than the full matrix, and memory is O(chunk * Lk), not O(Lq * Lk)."""
+    cache, which on CPU is 3-6x faster than the full matrix, and memory is O(chunk * Lk), not O(Lq * Lk).
+    The body is checkpointed: its residuals are the loop inputs only, so the backward pass holds one score
+    block at a time (without it the scan's backward keeps every block's scores, O(Lq * Lk) again)."""
     n, lq, d = q.shape
     n_chunks = -(-lq // chunk)
     pad = n_chunks * chunk - lq
     qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(n * n_chunks, 1, chunk, d)
     ids = jnp.arange(n * n_chunks)
 
+    @jax.checkpoint
     def one(args):
         i, qi = args
         head = i // n_chunks
@@ -114,6 +123,22 @@ def _blocked(q, k, v, scale, causal, precision, chunk):
 
     out = jax.lax.map(one, (ids, qb)).reshape(n, n_chunks * chunk, v.shape[-1])
     return out[:, :lq]
+
+
+def _blocked_bhld(q, k, v, scale, causal, precision, chunk):
+    """`_blocked` on (B, L, H, D) tensors."""
+    b, h = q.shape[0], q.shape[2]
+    out = _blocked(_fold_heads(q), _fold_heads(k), _fold_heads(v), scale, causal, precision, chunk)
+    return _unfold_heads(out, b, h)
+
+
+def _per_shard(fn, q, k, v):
+    """`fn(q, k, v)` on each device's shard of (B, L, H, D) inputs when a mesh and logical axis rules are
+    active (batch and heads split as the rules place activations), else on the whole arrays."""
+    spec = active_spec(("batch", None, "heads", None), q.shape)
+    if spec is None or all(a is None for a in spec):
+        return fn(q, k, v)
+    return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -217,12 +242,13 @@ def dot_product_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     if backend in ("xla", "chunked"):
         b, h = q.shape[0], q.shape[2]
-        qn, kn, vn = _fold_heads(q), _fold_heads(k), _fold_heads(v)
         # Blocking only pays when both sides are long; cross-attention to 77 tokens stays one matmul.
         if backend == "chunked" and q.shape[1] > chunk_size and k.shape[1] > chunk_size:
-            out = _blocked(qn, kn, vn, scale, causal, precision, chunk_size)
-        else:
-            out = _softmax_attention(qn, kn, vn, scale, causal, precision)
+            fn = functools.partial(
+                _blocked_bhld, scale=scale, causal=causal, precision=precision, chunk=chunk_size
+            )
+            return _per_shard(fn, q, k, v)
+        out = _softmax_attention(_fold_heads(q), _fold_heads(k), _fold_heads(v), scale, causal, precision)
         return _unfold_heads(out, b, h)
     if backend in ("dot_product", "cudnn"):
         impl = "cudnn" if backend == "cudnn" else None

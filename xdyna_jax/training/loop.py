@@ -191,7 +191,13 @@ def train(spec: RunSpec) -> int:
     batch = builder(_take(source, builder.local_batch), jax.random.fold_in(key, _BATCH_TAG))
     options = {k: v for k, v in cfg.compiler_options.to_dict().items()}
     compiled = trainer.compile(
-        shapes, batch, mesh, param_shardings=shard, batch_sharding=batch_sharding, compiler_options=options
+        shapes,
+        batch,
+        mesh,
+        param_shardings=shard,
+        batch_sharding=batch_sharding,
+        rules=rules,
+        compiler_options=options,
     )
     flops = step_flops(trainer, shapes, batch, jax.ShapeDtypeStruct((), key.dtype)) if cfg.train.mfu else None
     logs = MetricsLog(

@@ -15,6 +15,7 @@ micro-batch without moving data across the mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from xdyna_jax.sharding import along, make_mesh, replicated
+from xdyna_jax.sharding import Rules, activate, along, make_mesh, replicated
 from xdyna_jax.training.objective import ObjectiveConfig, check_batch, diffusion_loss, draw
 from xdyna_jax.training.optimizer import OptimizerConfig, ema_update, learning_rate, make_optimizer
 from xdyna_jax.training.remat import apply_remat, check_remat
@@ -208,13 +209,17 @@ class Trainer:
         *,
         param_shardings: Callable | None = None,
         batch_sharding: Callable | None = None,
+        rules: Rules | None = None,
         compiler_options: dict | None = None,
     ) -> CompiledStep:
         """`train_step` compiled ahead for these shapes (arrays or ShapeDtypeStructs) on `mesh`.
 
         Default mesh: every device on `data`; params replicated; each batch array split along its first
-        (example) axis over `data` (`batch_sharding(mesh) -> Sharding` overrides). The state is donated. compiler_options go to
-        XLA (tests lower the optimisation level: same numbers, half the compile time).
+        (example) axis over `data` (`batch_sharding(mesh) -> Sharding` overrides). The state is donated.
+        rules: the logical axis rules the step is traced under (`sharding.activate`), so the models'
+        activation constraints apply and the chunked attention runs per device; without them XLA places
+        activations by propagation alone. compiler_options go to XLA (tests lower the optimisation level:
+        same numbers, half the compile time).
         """
         check_batch(batch)
         b, k = batch["latents"].shape[0], self.config.grad_accum_steps
@@ -233,7 +238,9 @@ class Trainer:
             donate_argnums=0,
         )
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-        compiled = jitted.lower(state, batch, key).compile(compiler_options)
+        with activate(mesh, rules) if rules is not None else contextlib.nullcontext():
+            lowered = jitted.lower(state, batch, key)
+        compiled = lowered.compile(compiler_options)
         memory = memory_stats(compiled)
         log.info("train step compiled for %d devices: %s", mesh.size, _format_memory(memory))
         return CompiledStep(compiled, state_sh, batch_sh, memory)
