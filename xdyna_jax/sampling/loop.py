@@ -15,6 +15,7 @@ a last, partial batch of windows is padded with copies whose predictions are mas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,12 @@ import numpy as np
 
 from xdyna_jax.sampling.windows import context_windows, frame_counts
 from xdyna_jax.schedulers import DDIMScheduler
-from xdyna_jax.sharding import along, replicated
+from xdyna_jax.sharding import activate, along, replicated
+
+# Logical axis rules of a window step on a mesh: the networks' batch (windows x CFG halves x frames) over
+# `data`, attention heads whole. Tracing under them makes the chunked attention run per device on its own
+# windows (shard_map) instead of every device looping over all of them.
+WINDOW_RULES = (("batch", "data"), ("heads", None))
 
 # window_fn(params, windows (W, 1 + L, h, w, C), timestep () int32, frames (W, L) int32)
 #   -> (2, W, 1 + L, h, w, C): the unconditional and conditional noise predictions. `params` is any pytree
@@ -128,7 +134,8 @@ def denoise(
         total = place(jnp.zeros((2, num_frames, *latents.shape[1:]), jnp.float32))
         for frames, valid in zip(*window_batches(windows, window_batch), strict=True):
             frames, valid = place_windows(jnp.asarray(frames)), place_windows(jnp.asarray(valid))
-            total = step_fn(params, latents, jnp.int32(t), frames, valid, total)
+            with activate(mesh, WINDOW_RULES) if mesh is not None else contextlib.nullcontext():
+                total = step_fn(params, latents, jnp.int32(t), frames, valid, total)
             if progress is not None:
                 progress(1)
         uncond, cond = total / counts[None, :, None, None, None]
