@@ -1,7 +1,9 @@
 """Memory and FLOPs of the full-size X-Dyna stage-1 train step, compiled from shapes only (no weights).
 
-    python -m bench.train_memory                          # 8 and 32 devices, remat dots, 1 example per device
-    python -m bench.train_memory --devices 8 --remat none,dots,full
+    python -m bench.train_memory                          # 8 and 32 devices, per-layer remat, 1 example/device
+    python -m bench.train_memory --devices 8 --remat none,dots,full,none/full
+                                                          # BLOCK[/LAYER]: policy of the blocks / of the
+                                                          # resnets, attentions, motion modules inside
     python -m bench.train_memory --tiny --devices 1,8      # the configs/tiny.py model, seconds
 
 The step is the one train.py compiles (`Trainer.compile`): stage 1 of the paper's model (SD 1.5 UNet +
@@ -43,6 +45,7 @@ V5E_PEAK_FLOPS = 197e12  # bf16 FLOP/s of one TPU v5e chip
 MFU = 0.5
 TEXT_TOKENS = 77  # the empty prompt's CLIP embedding, as train.py feeds it
 BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+LAYERS = ("resnets", "attentions", "motion_modules")  # inside the blocks (training/remat.py)
 # XLA:CPU's cheapest code generation. Buffer assignment, and with it the memory analysis, is decided on the
 # optimised HLO before code generation, so it is the same; the compile takes a fraction of the time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -56,7 +59,15 @@ def _model_config(tiny: bool):
     return get_config()
 
 
-def stage1_setup(*, tiny: bool, remat: str, attention: str, batch: int, frames: int | None = None):
+def stage1_setup(
+    *,
+    tiny: bool,
+    remat: str,
+    attention: str,
+    batch: int,
+    frames: int | None = None,
+    layer_remat: str = "none",
+):
     """(trainer, abstract TrainState, abstract batch) of the stage-1 step: shapes only, nothing allocated.
 
     The denoiser comes from `shape_only_model` (ShapeDtypeStruct leaves); the state is `jax.eval_shape` of
@@ -77,7 +88,7 @@ def stage1_setup(*, tiny: bool, remat: str, attention: str, batch: int, frames: 
 
     model_cfg = _model_config(tiny)
     tcfg = train_config("stage1")
-    tcfg.step.remat = {block: remat for block in BLOCKS}
+    tcfg.step.remat = {block: remat for block in BLOCKS} | {layer: layer_remat for layer in LAYERS}
     tcfg.step.grad_accum_steps = 1
     step_cfg, opt_cfg, obj_cfg = training_configs(tcfg)
     compute = Compute(**{**tcfg.compute.to_dict(), "attention": attention})
@@ -125,8 +136,13 @@ def memory_worker(tiny: bool, remat: str, batch_per_device: int, dump_to: str | 
     from xdyna_jax.training.batch import batch_sharding
 
     n_dev = jax.device_count()
+    block, _, layer = remat.partition("/")
     trainer, state, batch = stage1_setup(
-        tiny=tiny, remat=remat, attention="chunked", batch=n_dev * batch_per_device
+        tiny=tiny,
+        remat=block,
+        layer_remat=layer or "none",
+        attention="chunked",
+        batch=n_dev * batch_per_device,
     )
     sharding = train_config("stage1").sharding
     mesh = mesh_from_config(sharding.mesh)
@@ -186,7 +202,11 @@ def _spawn(devices: int, args: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default="8,32", help="comma-separated device counts (one process each)")
-    p.add_argument("--remat", default="dots", help="comma-separated policies of every block: none|dots|full")
+    p.add_argument(
+        "--remat",
+        default="none/full",
+        help="comma-separated BLOCK[/LAYER] policies (none|dots|full) of every block / every layer in them",
+    )
     p.add_argument("--batch-per-device", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="the configs/tiny.py model (seconds, for checks)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one lowering less)")
@@ -216,7 +236,7 @@ def main() -> None:
         )
     for n in (int(d) for d in a.devices.split(",")):
         for remat in a.remat.split(","):
-            dump = os.path.join(a.dump_to, f"devices{n}_{remat}") if a.dump_to else None
+            dump = os.path.join(a.dump_to, f"devices{n}_{remat.replace('/', '_')}") if a.dump_to else None
             r = _spawn(n, ["memory", *memory_args, "--remat", remat, *(["--dump-to", dump] if dump else [])])
             mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
             step_s = per_device / (MFU * V5E_PEAK_FLOPS)

@@ -251,11 +251,11 @@ def test_stage2_trains_exactly_the_face_controlnet_with_bf16_frozen_weights(stag
 
 def test_fsdp_sharded_rematerialised_step_equals_the_single_device_step(stage2_run):
     """8 devices (data 2 x fsdp 4): params, EMA and Adam moments placed by the config's rules, the batch over
-    data x fsdp, every block under full remat == 1 device."""
+    data x fsdp, every block under full remat with checkpointed layers inside == 1 device."""
     _, _, single, single_metrics = stage2_run
     mesh = make_mesh(data=2, fsdp=4)
     rules = rules_from_config(sharding_section().rules)
-    remat = dict(down_blocks="full", mid_block="full", up_blocks="full")
+    remat = dict(down_blocks="full", mid_block="full", up_blocks="full", resnets="full", attentions="dots")
     denoiser = tiny_denoiser(video=False, pose=False)
     names = {tuple(p): v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(nnx.state(denoiser))}
     _, _, sharded, metrics = _run(

@@ -7,7 +7,7 @@ peak (6.8 of its 11.6 GiB of temporaries; `lax.map`'s loop-invariant code motion
 An optimisation barrier does not help: XLA:CPU expands barriers before scheduling, leaving no edge.
 With the dependency below that step's peak fell from 15.6 to 10.9 GiB (`python -m bench.sample_memory`).
 
-So on CPU a bf16/f16 weight gets a data dependency on the layer's input (see `_tied`); the integer op
+So on CPU a bf16/f16 weight gets a data dependency on the layer's input (see `tied_to`); the integer op
 fuses into the widening, so it costs nothing extra, and the copy is made right before its use.
 GPU/TPU programs (native bf16) and float32 weights are left as they are.
 """
@@ -21,13 +21,23 @@ from jax import lax
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+_BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def tied_to(value: jax.Array, anchor: jax.Array) -> jax.Array:
+    """`value`'s bits, computable only once `anchor` exists: a data dependency no compiler pass removes.
+
+    Integer ops on the value's bits: XLA:CPU widens every bf16 float op (a select or add too) by first
+    converting its inputs, and that convert would again be free to float away. The OR sets the lowest
+    mantissa bit only when anchor's first element is NaN, when whatever consumes both is NaN anyway.
+    """
+    bits = lax.bitcast_convert_type(value, _BITS[jnp.dtype(value.dtype).itemsize])
+    flag = jnp.isnan(anchor.reshape(-1)[0]).astype(bits.dtype)
+    return lax.bitcast_convert_type(bits | flag, value.dtype)
+
+
 def _tied(x: jax.Array, weight: jax.Array) -> jax.Array:
-    # Integer ops on the weight's bits: XLA:CPU widens every bf16 float op (a select or add too) by first
-    # converting its inputs, and that convert(weight) would again be free to float away. The OR sets the
-    # lowest mantissa bit only when x's first element is NaN, when the layer's output is NaN anyway.
-    bits = lax.bitcast_convert_type(weight, jnp.uint16)
-    flag = jnp.isnan(x.reshape(-1)[0]).astype(jnp.uint16)
-    return lax.bitcast_convert_type(bits | flag, weight.dtype)
+    return tied_to(weight, x)
 
 
 def weight_after_input(x: jax.Array, weight: jax.Array) -> jax.Array:

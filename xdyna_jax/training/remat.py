@@ -5,26 +5,56 @@
           rest, attention scores included (the largest activations at 896x512)
     full  keep only the block's inputs; recompute the whole block in the backward pass
 
+"dots" is `jax.checkpoint` with JAX's policy. "full" is a custom VJP that keeps the call's inputs and, in the
+backward pass, reruns the call on inputs tied to the incoming cotangent (`nn.bf16_weights.tied_to`: same
+bits, integer ops). `jax.checkpoint` marks its recomputation with optimisation barriers, which XLA:CPU
+expands before scheduling; its scheduler then recomputes early and the remat is lost (a checkpointed MLP's
+gradient needed more memory than the plain one), so neither CPU runs nor the compiled memory analysis that
+sizes TPU jobs would see it. The cotangent dependency makes the recomputation wait for the backward pass on
+every backend, and no CSE pass can merge it with the forward. Gradients are the same (the recomputed values
+are the forward's).
+
+Targets are the UNet / ControlNet blocks (`down_blocks`, `mid_block`, `up_blocks`) and, finer, the layers
+inside them (`resnets`, `attentions` (the spatial transformers), `motion_modules`). Policies nest: a block
+under "full" whose layers are also "full" keeps only the layers' inputs while its backward pass runs, so one
+layer's activations are live at a time; layers under "full" inside blocks under "none" is the usual
+per-layer checkpointing (every layer input kept, each layer recomputed once). At 896x512 x 17 frames a
+top-level block's activations alone exceed a 16 GiB device; one layer's do not.
+
 `apply_remat(model, {"down_blocks": "dots", "mid_block": "none", "up_blocks": "full"})` changes the class of
-every such block of every network in `model` to a subclass whose call runs under `jax.checkpoint`, so the
-parameter paths, and with them bundles, trainable sets and shardings, stay as they are.
+every such block (or layer) of every network in `model` to a subclass whose call runs under
+`jax.checkpoint`, so the parameter paths, and with them bundles, trainable sets and shardings, stay as they
+are.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
+from xdyna_jax.nn.bf16_weights import tied_to
+from xdyna_jax.nn.motion import VanillaTemporalModule
+from xdyna_jax.nn.resnet import ResnetBlock2D
+from xdyna_jax.nn.transformer import Transformer2DModel
 
 POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
-BLOCKS = {"down_blocks": DownBlock, "mid_block": MidBlock, "up_blocks": UpBlock}
+BLOCKS = {
+    "down_blocks": DownBlock,
+    "mid_block": MidBlock,
+    "up_blocks": UpBlock,
+    "resnets": ResnetBlock2D,
+    "attentions": Transformer2DModel,
+    "motion_modules": VanillaTemporalModule,
+}
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
@@ -36,9 +66,44 @@ def check_remat(policies: Mapping[str, str]) -> None:
             raise ValueError(f"remat.{block}: unknown policy {policy!r}; known policies: {sorted(POLICIES)}")
 
 
-def _checkpointed_call(base: type, policy):
+def _first_float(tree) -> jax.Array | None:
+    return next(
+        (x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating) and x.size),
+        None,
+    )
+
+
+def _recompute_in_backward(run):
+    """`run(state, arrays)` keeping only its inputs; the backward pass reruns it (see the module doc)."""
+
+    @jax.custom_vjp
+    def call(state, arrays):
+        return run(state, arrays)
+
+    def forward(state, arrays):
+        return run(state, arrays), (state, arrays)
+
+    def backward(inputs, cotangent):
+        anchor = _first_float(cotangent)
+        if anchor is not None:
+            inputs = jax.tree_util.tree_map(
+                lambda x: tied_to(x, anchor) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs
+            )
+        _, vjp = jax.vjp(run, *inputs)
+        return vjp(cotangent)
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def _checkpointed_call(base: type, policy_name: str):
+    if policy_name == "full":
+        wrap = _recompute_in_backward
+    else:
+        wrap = functools.partial(jax.checkpoint, policy=POLICIES[policy_name])
+
     def __call__(self, *args, **kwargs):
-        # jax.checkpoint takes arrays only: everything else (VideoSpec's norm function, frame counts,
+        # Only arrays go through the checkpoint: everything else (VideoSpec's norm function, frame counts,
         # ip_scale) is closed over, and the block's weights enter as an explicit state argument.
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         is_array = [isinstance(x, jax.Array) for x in leaves]
@@ -51,9 +116,7 @@ def _checkpointed_call(base: type, policy):
             )
             return base.__call__(nnx.merge(graphdef, state), *a, **k)
 
-        return jax.checkpoint(run, policy=policy)(
-            state, [x for x, d in zip(leaves, is_array, strict=True) if d]
-        )
+        return wrap(run)(state, [x for x, d in zip(leaves, is_array, strict=True) if d])
 
     return __call__
 
@@ -61,7 +124,7 @@ def _checkpointed_call(base: type, policy):
 def _subclass(base: type, policy_name: str) -> type:
     key = (base, policy_name)
     if key not in _SUBCLASSES:
-        call = _checkpointed_call(base, POLICIES[policy_name])
+        call = _checkpointed_call(base, policy_name)
         _SUBCLASSES[key] = type(
             f"{policy_name.capitalize()}Remat{base.__name__}", (base,), {"__call__": call}
         )
