@@ -30,6 +30,11 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.optimizer.weight_decay = 1e-2
     cfg.optimizer.clip_norm = 1.0
     cfg.optimizer.ema_decay = 0.0  # the paper reports no EMA; set e.g. 0.9999 to keep one
+    # constant (the paper's) | cosine | linear: after the warmup, the rate falls to final_lr_fraction of itself
+    # at step decay_steps (0: at the run's last step, train.steps)
+    cfg.optimizer.decay = "constant"
+    cfg.optimizer.decay_steps = 0
+    cfg.optimizer.final_lr_fraction = 0.0
 
     cfg.objective = ml_collections.ConfigDict()
     cfg.objective.num_train_timesteps = 1000  # the release's schedule: linear betas 0.00085 .. 0.012
@@ -56,6 +61,11 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.train.keep = 3  # checkpoints kept
     cfg.train.val_every = 1000  # validation loss on --val-data (0: never)
     cfg.train.val_batches = 4
+    # every sample_every steps (0: never) the first --val-data clip (else training clip) is sampled from the
+    # current weights in sample_steps DDIM steps, between steps (training/preview.py); its frames go to
+    # TensorBoard side by side as the image sample/frames (tensorboardX's add_video would need moviepy)
+    cfg.train.sample_every = 1000
+    cfg.train.sample_steps = 10
     cfg.train.mfu = True  # count the step's FLOPs once (a trace of the step) to log the FLOP utilisation
     cfg.train.export = True  # write OUTPUT/bundle at the end
     cfg.train.export_ema = True  # the exported bundle holds the EMA weights when an EMA is kept
@@ -65,10 +75,18 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     return cfg
 
 
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The optimizer section; a decay without its own decay_steps ends at the run's last step."""
+    opt = cfg.optimizer.to_dict()
+    if opt.get("decay", "constant") != "constant" and not opt.get("decay_steps"):
+        opt["decay_steps"] = int(cfg.train.steps)
+    return OptimizerConfig(**opt)
+
+
 def training_configs(cfg: ml_collections.ConfigDict) -> tuple[StepConfig, OptimizerConfig, ObjectiveConfig]:
     step = cfg.step.to_dict()
     return (
         StepConfig(**{**step, "remat": dict(step.get("remat", {}))}),
-        OptimizerConfig(**cfg.optimizer.to_dict()),
+        optimizer_config(cfg),
         ObjectiveConfig(**cfg.objective.to_dict()),
     )

@@ -440,11 +440,12 @@ def write_training_inputs(root, names=("a", "b", "c"), *, num_frames: int = 24, 
     return dirs
 
 
-def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215):
+def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215, width: int = 8):
     """The smallest X-Dyna with every part, random weights (test_train_loop, test_overfit: its train step
     compiles in seconds): one-block UNet (adapter, 2 IP tokens, motion modules) and ControlNets, a VAE that
     keeps the resolution, 2-layer CLIP vision, 1-layer CLIP text; its tokenizer written under
-    tmp_path/tokenizer. `vae_scaling_factor` is the VAE's latent scale (SD's by default)."""
+    tmp_path/tokenizer. `vae_scaling_factor` is the VAE's latent scale (SD's by default); `width` the channels
+    of the UNet's and the ControlNets' one block."""
     from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
     from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
     from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -455,15 +456,16 @@ def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215):
     from xdyna_jax.models.xdyna import XDynaDenoiser
     from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
 
+    block = dict(ONE_BLOCK, block_out_channels=(width,))
     unet = UNetConfig(
-        **ONE_BLOCK, up_block_types=("CrossAttnUpBlock2D",), dynamics_adapter=True, ip_adapter_tokens=2,
+        **block, up_block_types=("CrossAttnUpBlock2D",), dynamics_adapter=True, ip_adapter_tokens=2,
         motion_modules=True, motion_max_len=24, motion_norm_groups=4, motion_heads=2,
         groupnorm_over_frames=True, skip_reference_frame=True,
     )  # fmt: skip
 
     def controlnet(channels):
         return ControlNetConfig(
-            **ONE_BLOCK, conditioning_channels=channels, conditioning_embedding_out_channels=(4,)
+            **block, conditioning_channels=channels, conditioning_embedding_out_channels=(4,)
         )
 
     vae = VAEConfig(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1, latent_channels=4,
@@ -510,3 +512,49 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def tensorboard_images(folder) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """tag -> [(step, uint8 (H, W, C) image), ...] of every image summary in the TensorBoard event files
+    under `folder`, in the order written (the PNGs decoded)."""
+    import io
+    import struct
+    from pathlib import Path
+
+    from PIL import Image
+    from tensorboardX.proto.event_pb2 import Event
+
+    images: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for file in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        data, i = file.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    png = Image.open(io.BytesIO(value.image.encoded_image_string))
+                    images.setdefault(value.tag, []).append((event.step, np.asarray(png)))
+    return images
+
+
+def assert_placed_by_rules(module, reference, mesh, rules) -> int:
+    """Every param of `module` (loaded onto shards) sits on the sharding its logical axis names get from
+    `rules` on `mesh` and equals the same param of `reference` (loaded on one device) bit for bit; returns
+    how many are split over `fsdp` (a check that sharding happened at all)."""
+    import jax
+    from flax import nnx
+
+    from xdyna_jax.sharding import param_shardings
+
+    params = nnx.state(module, nnx.Param)
+    wanted = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(param_shardings(params, mesh, rules))}
+    ref = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(reference, nnx.Param))}
+    assert set(wanted) == set(ref), "the two modules have different params"
+    split = 0
+    for path, var in nnx.to_flat_state(params):
+        value, sharding = var.get_value(), wanted[tuple(path)]
+        assert value.sharding == sharding, (path, value.sharding, sharding)
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[tuple(path)]), err_msg=str(path))
+        split += "fsdp" in jax.tree_util.tree_leaves(tuple(sharding.spec))
+    return split

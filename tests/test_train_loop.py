@@ -1,9 +1,10 @@
 """train.py end to end on a one-block X-Dyna saved to disk: a run killed with SIGKILL and resumed ends
 bit-identical to an uninterrupted one, SIGTERM saves before exiting, a NaN loss stops the run with the last
-good checkpoint intact, a checkpoint restores onto another mesh, and the exported bundle samples through
-sample.py."""
+good checkpoint intact, the bundles load straight onto their shards, a checkpoint restores onto other meshes,
+and the exported bundle samples through sample.py."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,18 +13,25 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from oracle import one_block_xdyna, save_xdyna_folder
+from oracle import assert_placed_by_rules, one_block_xdyna, save_xdyna_folder, tensorboard_images
 
 import sample
 import train
 import xdyna_jax
+from configs.sharding import sharding_section
 from xdyna_jax.io.video import write_video
+from xdyna_jax.nn.compute import Compute
+from xdyna_jax.sharding import LogicalSharding, make_mesh, param_shardings, rules_from_config
 from xdyna_jax.training import export
-from xdyna_jax.training.checkpoint import Checkpoints
+from xdyna_jax.training.checkpoint import Checkpoints, abstract_state
+from xdyna_jax.training.optimizer import OptimizerConfig
 from xdyna_jax.training.sources import write_npz_example
+from xdyna_jax.training.start import build_models, parse_init
+from xdyna_jax.training.step import StepConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8  # frames; the one-block VAE keeps the resolution (latents 8 x 8)
@@ -129,12 +137,15 @@ def test_killed_and_resumed_run_ends_bit_identical_and_sigterm_saves_first(files
     assert f"SIGTERM: saved step {stopped_at}" in rest
     total = stopped_at + 2
     assert train.main([*argv(files, run, steps=total), "--resume"]) == 0
-    assert train.main(argv(files, tmp_path / "straight", steps=total)) == 0
+    preview = ["--set", f"train.sample_every={total}", "--set", "train.sample_steps=2"]  # at the last step
+    assert train.main(argv(files, tmp_path / "straight", *preview, steps=total)) == 0
     a, b = _restore(run), _restore(tmp_path / "straight")
     assert int(a["state"]["step"]) == int(b["state"]["step"]) == total
     for item in ("trainable", "opt_state", "ema"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, a["state"][item], b["state"][item])
-    assert a["data"] == b["data"]
+    assert a["data"] == b["data"]  # the sample preview of the straight run changed nothing
+    [(at, grid)] = tensorboard_images(tmp_path / "straight" / "tensorboard")["sample/frames"]
+    assert at == total and grid.shape == (H, 2 * W, 3) and grid.std() > 0  # its 2 frames side by side
     # the uninterrupted run's checkpoint -> a bundle that sample.py animates with
     bundle = tmp_path / "bundle"
     assert export.main([str(tmp_path / "straight"), "--output", str(bundle)]) == 0
@@ -168,3 +179,60 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_pa
     assert _steps(run) == [2]
     state = _restore(run)["state"]
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["trainable"]))
+
+
+def _random_state(shapes, seed: int = 3):
+    """Host values of a TrainState's shapes: every float leaf its own noise (a fresh state's Adam moments are
+    all zero: comparing zeros proves nothing), integer leaves counting up. Drawn on the host: a jitted
+    draw of every leaf compiles for minutes on CPU."""
+    rng = np.random.default_rng(seed)
+
+    def value(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return rng.standard_normal(x.shape).astype(x.dtype)
+        return np.arange(math.prod(x.shape), dtype=x.dtype).reshape(x.shape)
+
+    return jax.tree_util.tree_map(value, shapes)
+
+
+def test_bundles_load_onto_their_shards_and_a_checkpoint_restores_onto_other_meshes(files, tmp_path):
+    """The run's models loaded from the X-Dyna bundle straight onto an 8-device mesh (every param placed as
+    the config's rules say, values as loaded on one device); a TrainState saved on data 2 x fsdp 4 restores
+    onto data 1 x fsdp 8 and onto one device bit for bit, each array on the sharding asked for."""
+    rules = rules_from_config(sharding_section().rules)
+    init = parse_init({"xdyna": str(files / "xdyna")})
+    single = build_models(init, "stage1", Compute(), 0)
+    mesh = make_mesh(data=2, fsdp=4)
+    built = build_models(init, "stage1", Compute(), 0, LogicalSharding(mesh, rules))
+
+    def parts(run):
+        m = run.models
+        return dict(denoiser=m.denoiser, image_encoder=m.image_encoder, resampler=m.resampler, vae=run.vae,
+                    text_encoder=run.text_encoder)  # fmt: skip
+
+    split = 0
+    for ours, ref in zip(parts(built).values(), parts(single).values(), strict=True):
+        split += assert_placed_by_rules(ours, ref, mesh, rules)
+    assert split, "no parameter is split over fsdp"
+
+    trainer = Trainer(built.models.denoiser, StepConfig(), OptimizerConfig(ema_decay=0.5))
+    trainable, frozen = trainer.split(built.models.denoiser)
+    null_tokens, key = jnp.zeros((2, 8), jnp.float32), jax.random.key(0)
+    shapes = jax.eval_shape(trainer.init_state, trainable, frozen, null_tokens, key)
+
+    def shardings(mesh):
+        return trainer.state_shardings(shapes, mesh, lambda tree: param_shardings(tree, mesh, rules))
+
+    saved = _random_state(shapes).replace(step=np.int32(7))
+    ckpts = Checkpoints(tmp_path / "checkpoints", asynchronous=False)
+    ckpts.save(7, jax.device_put(saved, shardings(mesh)), data_state={"position": 3}, config={"run": "a"})
+    for other in (make_mesh(data=1, fsdp=8), make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])):
+        target = shardings(other)
+        restored, position, config = ckpts.restore(abstract_state(shapes, target))
+        assert position == {"position": 3} and config == {"run": "a"} and int(restored.step) == 7
+        got, want = jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(target)
+        assert len(got) == len(want) == len(jax.tree_util.tree_leaves(saved))
+        for leaf, sharding in zip(got, want, strict=True):
+            assert leaf.sharding == sharding, (leaf.sharding, sharding)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+    ckpts.close()

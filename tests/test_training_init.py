@@ -9,14 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from oracle import random_torch_state, rel_err
+from oracle import assert_placed_by_rules, random_torch_state, rel_err
 from safetensors.numpy import save_file
 
 import xdyna_jax
+from configs.sharding import sharding_section
 from convert.state import load_torch_state
 from xdyna_jax.models.unet import UNet, UNetConfig
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
+from xdyna_jax.sharding import LogicalSharding, make_mesh, rules_from_config
 from xdyna_jax.training.init import InitError, init_stage1
 
 # one resolution, attention (so adapter and IP-Adapter) in the mid block only, AnimateDiff v1: cheap to compile
@@ -87,6 +89,14 @@ def test_stage1_init_is_sd15_animatediff_ip_adapter_at_step_0(tmp_path):
     assert models.image_encoder is None and models.resampler is None
     with pytest.raises(InitError, match="zero-image tokens"):
         models.null_image_tokens()
+
+    # on 8 devices every param is born on its shards (as the config's rules place it), values unchanged
+    mesh, rules = make_mesh(data=1, fsdp=8), rules_from_config(sharding_section().rules)
+    sharding = LogicalSharding(mesh, rules)
+    sharded = init_stage1(
+        tmp_path / "animatediff", tmp_path / "ip", pose_embedding_channels=(4,), sharding=sharding
+    )
+    assert assert_placed_by_rules(sharded.denoiser, den, mesh, rules)
 
 
 def test_init_refuses_a_unet_without_motion_modules(tmp_path):

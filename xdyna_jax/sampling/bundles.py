@@ -22,6 +22,7 @@ from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.models.xdyna import XDynaDenoiser
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.schedulers import DDIMConfig
+from xdyna_jax.sharding import LogicalSharding
 
 MANIFEST = "manifest.json"
 
@@ -77,10 +78,17 @@ def _expect_kind(path: Path, kind: str) -> dict:
     return manifest
 
 
-def load_xdyna(path: str | Path, *, compute: Compute | None = None, param_dtype: str | None = None) -> XDyna:
+def load_xdyna(
+    path: str | Path,
+    *,
+    compute: Compute | None = None,
+    param_dtype: str | None = None,
+    sharding: LogicalSharding | None = None,
+) -> XDyna:
     """Load the folder written by `python -m convert xdyna`.
 
-    compute overrides every model's compute settings; param_dtype casts every model's params while loading.
+    compute overrides every model's compute settings; param_dtype casts every model's params while loading;
+    sharding (`LogicalSharding(mesh, rules)`) restores every model's params straight onto their shards.
     """
     path = Path(path)
     manifest = _expect_kind(path, "xdyna")
@@ -90,7 +98,9 @@ def load_xdyna(path: str | Path, *, compute: Compute | None = None, param_dtype:
             if required:
                 raise BundleError(f"{path} is missing its {name}/ bundle")
             return None
-        return load(path / name, compute=compute, expected_kind=kind, param_dtype=param_dtype)
+        return load(
+            path / name, sharding=sharding, compute=compute, expected_kind=kind, param_dtype=param_dtype
+        )
 
     denoiser = XDynaDenoiser(
         part("unet", "video_unet"),

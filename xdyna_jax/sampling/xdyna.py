@@ -82,16 +82,17 @@ class Draws:
 class XDynaPipeline:
     """`XDynaPipeline.load(bundle)(reference, poses, faces)` -> uint8 frames (N, H, W, 3)."""
 
-    def __init__(self, parts: XDyna, *, sequential_cfg: bool = True):
-        """sequential_cfg: run the two CFG halves one after the other (less memory) or as one batch."""
+    def __init__(self, parts: XDyna, *, sequential_cfg: bool = True, compiler_options: dict | None = None):
+        """sequential_cfg: run the two CFG halves one after the other (less memory) or as one batch.
+        compiler_options: more XLA options of the window step's compile (e.g. a training run's)."""
         self.parts = parts
         self.sequential_cfg = sequential_cfg
         self._empty_prompt = None
         self.scheduler = DDIMScheduler(parts.scheduler)
         self._graph = nnx.split(parts.denoiser)[0]
         # every call of the same shapes reuses its compile; bf16 weights on CPU need their XLA options
-        options = compiler_options_for(nnx.state(parts.denoiser))
-        self._step = compiled_window_step(self.window_fn, options)
+        options = {**(compiler_options_for(nnx.state(parts.denoiser)) or {}), **(compiler_options or {})}
+        self._step = compiled_window_step(self.window_fn, options or None)
 
     def window_fn(self, params, windows, t, frames):
         """(2, W, 1 + L, ...) noise predictions [uncond; cond] of W windows."""

@@ -201,6 +201,13 @@ class BatchBuilder:
     def _weights(self):
         return tuple(m[1] for m in (self._vae, self._vision, self._resampler))
 
+    def encoders(self) -> tuple[nnx.Module | None, nnx.Module, nnx.Module]:
+        """(VAE or None, CLIP vision, Resampler) over the weights placed on the mesh (no copy), for other
+        programs of the run to share (the sample previews)."""
+        return tuple(
+            None if m[0] is None else nnx.merge(*m) for m in (self._vae, self._vision, self._resampler)
+        )
+
     def __call__(self, examples: Sequence[dict], key: jax.Array) -> dict[str, jax.Array]:
         arrays = self.global_arrays(self.host_arrays(examples))
         return self._program(self._weights(), arrays, key)

@@ -14,6 +14,10 @@ Stage 1 starts as the release did (its UNet initialiser is SD 1.5 + AnimateDiff 
     weights copied, condition embedding fresh, zero convs at zero).
 
 Stage 2 adds an S-Face ControlNet (6-channel condition) to a stage-1 result, from a bundle or the UNet.
+
+Every function here takes `sharding=LogicalSharding(mesh, rules)`: then each parameter is born on its
+shards (bundles restored shard by shard, each assembled value placed per parameter), so a model larger
+than one device never sits whole on one; without it everything goes to the first device.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import xdyna_jax
-from xdyna_jax.bundle import BundleError, read_meta, read_params
+from xdyna_jax.bundle import BundleError, read_meta
 from xdyna_jax.conditioning.clip_image import uncond_pixel_values
 from xdyna_jax.models.controlnet import ControlNetConditioningEmbedding, ControlNetConfig, ControlNetModel
 from xdyna_jax.models.unet import UNet, UNetConfig
@@ -38,6 +42,7 @@ from xdyna_jax.models.xdyna import XDynaDenoiser
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.sampling.bundles import XDyna, load_xdyna
+from xdyna_jax.sharding import LogicalSharding
 
 IP_ATTENTION = "ip_attention.safetensors"
 IP_INFO = "ip_attention.json"
@@ -78,21 +83,51 @@ def _bundle(path: str | Path, sub: str, what: str) -> Path:
     raise InitError(f"{what}: {path} is not a model bundle and holds no {sub}/ bundle")
 
 
-def _set(module: nnx.Module, values: dict[tuple, np.ndarray], source: str) -> nnx.Module:
-    """Fill every parameter of a shape-only `module` from `values` (by path), shapes checked."""
+def _place(value, sharding: jax.sharding.Sharding | None, *, copy: bool = False) -> jax.Array:
+    """`value` (numpy or a jax array) as a float32 array on `sharding` (None: the first device).
+
+    A value already spread over devices is resharded there; a host or one-device value is cut into the
+    shards this process holds, so no device receives more than its own part. `copy`: a new buffer even
+    when the value already sits where it should (for weights another live module keeps using).
+    """
+    if sharding is None:
+        return jnp.array(value, jnp.float32, copy=copy)
+    if isinstance(value, jax.Array) and not isinstance(value.sharding, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(value.astype(jnp.float32), sharding, may_alias=not copy)
+    host = np.asarray(value, np.float32)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _shardings(module: nnx.Module, sharding: LogicalSharding | None) -> dict[tuple, jax.sharding.Sharding]:
+    """{param path: its sharding} of `module` (abstract is enough); empty without a sharding."""
+    if sharding is None:
+        return {}
+    state = sharding.shardings(nnx.state(module, nnx.Param))
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def _set(
+    module: nnx.Module,
+    values: dict[tuple, np.ndarray | jax.Array],
+    source: str,
+    sharding: LogicalSharding | None = None,
+    *,
+    copy: bool = False,
+) -> nnx.Module:
+    """Fill every parameter of a shape-only `module` from `values` (by path), shapes checked, each placed
+    on its shards (see `_place`; `copy` for values another module keeps)."""
+    shardings = _shardings(module, sharding)
     missing, bad = [], []
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         path = tuple(path)
         if path not in values:
             missing.append(".".join(map(str, path)))
-            continue
-        value = np.asarray(values[path])
-        if value.shape != tuple(var.shape):
-            bad.append(f"{'.'.join(map(str, path))}: {value.shape} vs model {tuple(var.shape)}")
-            continue
-        var.set_value(jnp.asarray(value, jnp.float32))
+        elif tuple(values[path].shape) != tuple(var.shape):
+            bad.append(f"{'.'.join(map(str, path))}: {tuple(values[path].shape)} vs model {tuple(var.shape)}")
     if missing or bad:
         raise InitError(f"{source}: cannot fill the model; missing {missing[:10]}; mis-shaped {bad[:10]}")
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        var.set_value(_place(values[tuple(path)], shardings.get(tuple(path)), copy=copy))
     return module
 
 
@@ -118,7 +153,13 @@ def read_ip_attention(folder: str | Path) -> tuple[dict[tuple, np.ndarray], int]
     return out, tokens
 
 
-def xdyna_unet(motion_unet: str | Path, ip_adapter: str | Path, *, compute: Compute | None = None) -> UNet:
+def xdyna_unet(
+    motion_unet: str | Path,
+    ip_adapter: str | Path,
+    *,
+    compute: Compute | None = None,
+    sharding: LogicalSharding | None = None,
+) -> UNet:
     """SD 1.5 + AnimateDiff (the bundle) + IP-Adapter attn2 projections + a fresh Dynamics-Adapter."""
     src = _bundle(motion_unet, "unet", "motion_unet")
     try:
@@ -128,7 +169,6 @@ def xdyna_unet(motion_unet: str | Path, ip_adapter: str | Path, *, compute: Comp
                 f"{src} holds a {meta['kind']!r} bundle; expected the video_unet of `convert animatediff`"
             )
         base_cfg = UNetConfig.from_dict(meta["config"])
-        base = read_params(src)
     except BundleError as e:
         raise InitError(f"motion_unet: {e}") from e
     if not base_cfg.motion_modules:
@@ -144,20 +184,28 @@ def xdyna_unet(motion_unet: str | Path, ip_adapter: str | Path, *, compute: Comp
         compute=compute or base_cfg.compute,
     )
     model = shape_only_model(UNet, cfg)
-    values = {**base, **ip}
     paths = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     unused = sorted(".".join(map(str, p)) for p in ip if p not in paths)
     if unused:
         raise InitError(
             f"{Path(ip_adapter) / IP_ATTENTION}: tensors the UNet has no place for: {unused[:10]}"
         )
+    try:  # restored shard by shard; the X-Dyna UNet takes these arrays over as they are
+        loaded = xdyna_jax.load(src, sharding=sharding, expected_kind="video_unet")
+    except BundleError as e:
+        raise InitError(f"motion_unet: {e}") from e
+    base = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param))}
+    del loaded
+    shardings = _shardings(model, sharding)
+    values = {**base, **ip}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(path)
         if path[-2] == "to_q_ff":  # the adapter's query starts as the frozen query of the same attn1
-            values[path] = base[path[:-2] + ("to_q", "kernel")]
+            query = base[path[:-2] + ("to_q", "kernel")]
+            values[path] = _place(query, shardings.get(path), copy=True)  # its own buffer: it trains
         elif path[-2] == "to_out_ff":  # ... and adds nothing until trained
             values[path] = np.zeros(var.shape, np.float32)
-    return _set(model, values, f"{src} + {ip_adapter}")
+    return _set(model, values, f"{src} + {ip_adapter}", sharding)
 
 
 def controlnet_from_unet(
@@ -166,6 +214,7 @@ def controlnet_from_unet(
     *,
     embedding_channels: tuple[int, ...] = SD_EMBEDDING_CHANNELS,
     seed: int = 0,
+    sharding: LogicalSharding | None = None,
 ) -> ControlNetModel:
     """A new ControlNet on `unet`'s encoder: conv_in, time embedding, down and mid blocks copied; the
     condition embedding freshly initialised (its conv_out at zero) and the zero convs at zero, so it adds
@@ -192,10 +241,17 @@ def controlnet_from_unet(
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[0] in ("controlnet_down_blocks", "controlnet_mid_block"):
             values[tuple(path)] = np.zeros(var.shape, np.float32)
-    return _set(model, values, "ControlNet from the UNet's encoder")
+    # copies: the UNet keeps its encoder weights (frozen) while the ControlNet's train
+    return _set(model, values, "ControlNet from the UNet's encoder", sharding, copy=True)
 
 
-def load_controlnet(path: str | Path, unet: UNet, *, compute: Compute | None = None) -> ControlNetModel:
+def load_controlnet(
+    path: str | Path,
+    unet: UNet,
+    *,
+    compute: Compute | None = None,
+    sharding: LogicalSharding | None = None,
+) -> ControlNetModel:
     """A controlnet bundle, checked to fit `unet` (same encoder structure) before any weights are read."""
     path = _bundle(path, "controlnet", "controlnet")
     try:
@@ -210,7 +266,9 @@ def load_controlnet(path: str | Path, unet: UNet, *, compute: Compute | None = N
             + "; ".join(f"{f}: ControlNet {cfg[f]} vs UNet {ucfg[f]}" for f in bad)
         )
     try:
-        return xdyna_jax.load(path, compute=compute or unet.config.compute, expected_kind="controlnet")
+        return xdyna_jax.load(
+            path, sharding=sharding, compute=compute or unet.config.compute, expected_kind="controlnet"
+        )
     except BundleError as e:
         raise InitError(str(e)) from e
 
@@ -219,11 +277,14 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _image_parts(ip_adapter: Path, compute: Compute | None):
+def _image_parts(ip_adapter: Path, compute: Compute | None, sharding: LogicalSharding | None):
     parts = []
     for name, kind in (("image_encoder", "clip_vision"), ("resampler", "resampler")):
         folder = ip_adapter / name
-        parts.append(xdyna_jax.load(folder, compute=compute, expected_kind=kind) if folder.is_dir() else None)
+        part = None
+        if folder.is_dir():
+            part = xdyna_jax.load(folder, sharding=sharding, compute=compute, expected_kind=kind)
+        parts.append(part)
     return parts
 
 
@@ -235,21 +296,26 @@ def init_stage1(
     compute: Compute | None = None,
     pose_embedding_channels: tuple[int, ...] = SD_EMBEDDING_CHANNELS,
     seed: int = 0,
+    sharding: LogicalSharding | None = None,
 ) -> TrainingModels:
     """Stage 1's starting point from converted bundles (see the module docstring)."""
-    unet = xdyna_unet(motion_unet, ip_adapter, compute=compute)
+    unet = xdyna_unet(motion_unet, ip_adapter, compute=compute, sharding=sharding)
     if pose_controlnet is not None:
-        pose = load_controlnet(pose_controlnet, unet, compute=compute)
+        pose = load_controlnet(pose_controlnet, unet, compute=compute, sharding=sharding)
     else:
-        pose = controlnet_from_unet(unet, 3, embedding_channels=pose_embedding_channels, seed=seed)
-    image_encoder, resampler = _image_parts(Path(ip_adapter), compute)
+        pose = controlnet_from_unet(
+            unet, 3, embedding_channels=pose_embedding_channels, seed=seed, sharding=sharding
+        )
+    image_encoder, resampler = _image_parts(Path(ip_adapter), compute, sharding)
     return TrainingModels(XDynaDenoiser(unet, pose, None), image_encoder, resampler)
 
 
-def resume(xdyna: str | Path, *, compute: Compute | None = None) -> tuple[TrainingModels, XDyna]:
+def resume(
+    xdyna: str | Path, *, compute: Compute | None = None, sharding: LogicalSharding | None = None
+) -> tuple[TrainingModels, XDyna]:
     """Continue from an X-Dyna bundle (`convert xdyna`, or one exported from training); also returns the
     whole pipeline (VAE, text encoder) for validation sampling."""
-    pipe = load_xdyna(xdyna, compute=compute)
+    pipe = load_xdyna(xdyna, compute=compute, sharding=sharding)
     return TrainingModels(pipe.denoiser, pipe.image_encoder, pipe.resampler), pipe
 
 
@@ -260,13 +326,16 @@ def add_face_controlnet(
     compute: Compute | None = None,
     embedding_channels: tuple[int, ...] = SD_EMBEDDING_CHANNELS,
     seed: int = 0,
+    sharding: LogicalSharding | None = None,
 ) -> TrainingModels:
     """Stage 2's starting point: the stage-1 models plus an S-Face ControlNet (6-channel condition)."""
     unet = models.denoiser.unet
     if face_controlnet is not None:
-        face = load_controlnet(face_controlnet, unet, compute=compute)
+        face = load_controlnet(face_controlnet, unet, compute=compute, sharding=sharding)
     else:
-        face = controlnet_from_unet(unet, 6, embedding_channels=embedding_channels, seed=seed)
+        face = controlnet_from_unet(
+            unet, 6, embedding_channels=embedding_channels, seed=seed, sharding=sharding
+        )
     if face.config.conditioning_channels != 6:
         raise InitError(
             f"the S-Face ControlNet needs 6 condition channels, {face_controlnet} has "

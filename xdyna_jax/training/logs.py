@@ -1,4 +1,5 @@
-"""Training logs: a progress bar and log lines on the console, scalars in TensorBoard event files.
+"""Training logs: a progress bar and log lines on the console, scalars (and the sample previews' frames)
+in TensorBoard event files.
 
 Logged every `log_every` steps: loss and grad norm (means over the steps since the last log), lr, steps/s,
 frames/s (driven frames trained on per second) and the model FLOP utilisation: FLOPs per step over the time
@@ -116,6 +117,17 @@ class MetricsLog:
 
     def scalars(self, step: int, values: dict) -> None:
         self._write(step, values)
+
+    def frames(self, step: int, tag: str, frames: np.ndarray) -> None:
+        """A short video, uint8 (T, H, W, 3), as one image of its frames side by side (up to 8 a row).
+        An image rather than `add_video`: tensorboardX encodes videos with moviepy, which the project does
+        not install."""
+        if not self.primary:
+            return
+        self.bar.write(f"step {step}: {tag} ({len(frames)} frames)")
+        if self.writer is not None:
+            self.writer.add_images(tag, np.asarray(frames, np.uint8), step, dataformats="NHWC")
+            self.writer.flush()
 
     def _write(self, step: int, values: dict) -> None:
         if not self.primary:

@@ -26,12 +26,13 @@ from jax.experimental import multihost_utils
 
 from configs.train_xdyna import training_configs
 from xdyna_jax.nn.compute import Compute
-from xdyna_jax.sharding import mesh_from_config, param_shardings, rules_from_config
+from xdyna_jax.sharding import LogicalSharding, mesh_from_config, param_shardings, rules_from_config
 from xdyna_jax.training.batch import BatchBuilder, Layout, batch_sharding, empty_prompt_embedding
 from xdyna_jax.training.checkpoint import Checkpoints, StopRequest, abstract_state
 from xdyna_jax.training.export import CHECKPOINTS, export_bundle
 from xdyna_jax.training.init import TrainingModels
 from xdyna_jax.training.logs import MetricsLog, step_flops
+from xdyna_jax.training.preview import preview_for_run
 from xdyna_jax.training.sources import open_source
 from xdyna_jax.training.start import build_models, load_tokenizer, parse_init
 from xdyna_jax.training.step import Trainer, step_key
@@ -136,7 +137,9 @@ def train(spec: RunSpec) -> int:
     def shard(tree):
         return param_shardings(tree, mesh, rules)
 
-    built = build_models(init, step_cfg.trainable, Compute(**cfg.compute), int(cfg.seed))
+    # every model restored straight onto its shards: a pod-size model never sits whole on one device
+    sharding = LogicalSharding(mesh, rules)
+    built = build_models(init, step_cfg.trainable, Compute(**cfg.compute), int(cfg.seed), sharding)
     denoiser = built.models.denoiser
     text = empty_prompt_embedding(built.text_encoder, load_tokenizer(built.tokenizer))
     layout = Layout(
@@ -171,6 +174,10 @@ def train(spec: RunSpec) -> int:
         log.info("resumed from step %d of %s", latest, ckpts.directory)
     else:
         state = jax.jit(trainer.init_state, out_shardings=state_sh)(trainable, frozen, null_tokens, base_key)
+    preview = preview_for_run(  # None unless train.sample_every > 0
+        cfg, data=spec.val_data or spec.data, clips=clips, trainer=trainer, state=state,
+        encoders=builder.encoders(), text_encoder=built.text_encoder, tokenizer=built.tokenizer,
+    )  # fmt: skip
     del built, denoiser, trainable, frozen  # the state holds what training needs; export rebuilds the rest
     step = int(state.step)
 
@@ -235,6 +242,9 @@ def train(spec: RunSpec) -> int:
                         val_loss(state, b, jax.random.fold_in(val_key, i)) for i, b in enumerate(val_batches)
                     ]
                     logs.scalars(step, {"val/loss": float(np.mean(jax.device_get(losses)))})
+                    logs.restart_clock(step)
+                if preview is not None and not stopping and step % int(cfg.train.sample_every) == 0:
+                    logs.frames(step, "sample/frames", preview(state))
                     logs.restart_clock(step)
                 if stopping:
                     log.warning("SIGTERM: saved step %d; resume with --resume", step)

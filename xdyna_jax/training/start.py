@@ -8,7 +8,8 @@
     [--init face_controlnet=DIR]              stage 2's S-Face ControlNet (default: made from the UNet)
 
 A stage-2 run on a model without an S-Face ControlNet gets one (`add_face_controlnet`). Building the same
-init twice gives the same models, which is what export relies on (training/export.py).
+init twice gives the same models, which is what export relies on (training/export.py). Given a
+`LogicalSharding(mesh, rules)`, every model is loaded straight onto its shards (training/init.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import xdyna_jax
 from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
 from xdyna_jax.nn.compute import Compute
+from xdyna_jax.sharding import LogicalSharding
 from xdyna_jax.training.init import InitError, TrainingModels, add_face_controlnet, init_stage1, resume
 
 INIT_KEYS = {
@@ -75,10 +77,16 @@ def parse_init(pairs: list[str] | dict) -> dict[str, str]:
     return init
 
 
-def build_models(init: dict[str, str], trainable: str, compute: Compute, seed: int = 0) -> RunModels:
-    """The run's models from checked `init` (see the module docstring)."""
+def build_models(
+    init: dict[str, str],
+    trainable: str,
+    compute: Compute,
+    seed: int = 0,
+    sharding: LogicalSharding | None = None,
+) -> RunModels:
+    """The run's models from checked `init` (see the module docstring), on `sharding` (None: one device)."""
     if "xdyna" in init:
-        models, pipe = resume(init["xdyna"], compute=compute)
+        models, pipe = resume(init["xdyna"], compute=compute, sharding=sharding)
         vae, text_encoder = pipe.vae, pipe.text_encoder
         tokenizer = Path(init["xdyna"]) / "tokenizer"
     else:
@@ -88,13 +96,18 @@ def build_models(init: dict[str, str], trainable: str, compute: Compute, seed: i
             pose_controlnet=init.get("pose_controlnet"),
             compute=compute,
             seed=seed,
+            sharding=sharding,
         )
         sd15 = Path(init["sd15"])
-        vae = xdyna_jax.load(sd15 / "vae", compute=compute, expected_kind="vae")
-        text_encoder = xdyna_jax.load(sd15 / "text_encoder", compute=compute, expected_kind="clip_text")
+        vae = xdyna_jax.load(sd15 / "vae", sharding=sharding, compute=compute, expected_kind="vae")
+        text_encoder = xdyna_jax.load(
+            sd15 / "text_encoder", sharding=sharding, compute=compute, expected_kind="clip_text"
+        )
         tokenizer = sd15 / "tokenizer"
     if trainable == "stage2" and models.denoiser.face_controlnet is None:
-        models = add_face_controlnet(models, init.get("face_controlnet"), compute=compute, seed=seed)
+        models = add_face_controlnet(
+            models, init.get("face_controlnet"), compute=compute, seed=seed, sharding=sharding
+        )
     if models.image_encoder is None or models.resampler is None:
         raise InitError("the init bundles hold no image_encoder/ and resampler/: the IP tokens need them")
     if not (tokenizer / "vocab.json").is_file():
