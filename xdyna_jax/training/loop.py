@@ -215,8 +215,16 @@ def train(spec: RunSpec) -> int:
         flops_per_step=flops,
         devices=list(mesh.devices.flat),
     )
+
+    def validate(step: int) -> None:
+        losses = [val_loss(state, b, jax.random.fold_in(val_key, i)) for i, b in enumerate(val_batches)]
+        logs.scalars(step, {"val/loss": float(np.mean(jax.device_get(losses)))})
+        logs.restart_clock(step)
+
     pending: list[tuple[int, dict]] = []
     stopping = False
+    if val_batches and step == 0:  # the untrained model's loss on the same clips and draws: the baseline
+        validate(0)
     try:
         with StopRequest() as stop:
             while step < total:
@@ -238,11 +246,7 @@ def train(spec: RunSpec) -> int:
                 if saving:
                     ckpts.save(step, state, data_state=source.get_state(), config=record)
                 if val_batches and step % int(cfg.train.val_every) == 0:
-                    losses = [
-                        val_loss(state, b, jax.random.fold_in(val_key, i)) for i, b in enumerate(val_batches)
-                    ]
-                    logs.scalars(step, {"val/loss": float(np.mean(jax.device_get(losses)))})
-                    logs.restart_clock(step)
+                    validate(step)
                 if preview is not None and not stopping and step % int(cfg.train.sample_every) == 0:
                     logs.frames(step, "sample/frames", preview(state))
                     logs.restart_clock(step)
