@@ -1,6 +1,6 @@
 """A tiny X-Dyna overfits a tiny dataset that `xdyna_jax.data.prepare` makes from mp4 files: train.py's
-epsilon loss on fixed clips and draws falls over ten times (21x) in 300 CPU steps, the exported bundle animates through
-sample.py, and `python -m convert export --layout release` turns it into the release's PyTorch files, which
+epsilon loss on fixed clips and draws falls over ten times (21x) in 300 CPU steps, the exported bundle
+animates through sample.py, and `python -m convert export --layout release` turns it into the release's PyTorch files, which
 hold the trained weights.
 
 The objective is the real one (t ~ U{0..999} on the release's schedule, epsilon MSE on the driven frames) on
