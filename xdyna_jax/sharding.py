@@ -259,6 +259,33 @@ def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionS
     return logical_spec(names, shape, mesh, rules, what=f"activation {tuple(shape)}")
 
 
+def per_device(
+    fn: Callable[..., jax.Array],
+    batched: Sequence[jax.Array],
+    shared: Any = (),
+    *,
+    names: Sequence[str | None] | None = None,
+) -> jax.Array:
+    """`fn(*batched, shared)` run by each device on its own shard of the `batched` arrays when a mesh and
+    rules are active (else on the whole arrays): `shard_map` with `batched` split as the rules place axes
+    `names` (default: the leading axis is "batch", the rest whole) and `shared` (a pytree, e.g. weights)
+    whole on every device; the output is split like the first batched array.
+
+    For loops inside layers (`lax.map` over blocks of queries or tokens): XLA cannot split a loop over an
+    axis that is sharded, and would otherwise run every device's iterations on every device.
+    """
+    x = batched[0]
+    names = ("batch",) + (None,) * (x.ndim - 1) if names is None else tuple(names)
+    specs = [active_spec(names, a.shape) for a in batched]
+    if specs[0] is None or all(axis is None for spec in specs for axis in spec):
+        return fn(*batched, shared)
+    # check_vma off: custom VJPs inside (nn/recompute.py) return the shared weights' cotangents as
+    # per-device values, which the transpose of this map sums over the devices.
+    return jax.shard_map(fn, in_specs=(*specs, PartitionSpec()), out_specs=specs[0], check_vma=False)(
+        *batched, shared
+    )
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`x` constrained to the placement its logical axis `names` get under the active mesh and rules.
 

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xdyna_jax.sharding import active_spec
+from xdyna_jax.sharding import per_device
 
 BACKENDS = ("xla", "chunked", "dot_product", "cudnn", "splash")
 SPLASH_INTERPRET_ENV = "XDYNA_SPLASH_INTERPRET"
@@ -130,15 +130,6 @@ def _blocked_bhld(q, k, v, scale, causal, precision, chunk):
     b, h = q.shape[0], q.shape[2]
     out = _blocked(_fold_heads(q), _fold_heads(k), _fold_heads(v), scale, causal, precision, chunk)
     return _unfold_heads(out, b, h)
-
-
-def _per_shard(fn, q, k, v):
-    """`fn(q, k, v)` on each device's shard of (B, L, H, D) inputs when a mesh and logical axis rules are
-    active (batch and heads split as the rules place activations), else on the whole arrays."""
-    spec = active_spec(("batch", None, "heads", None), q.shape)
-    if spec is None or all(a is None for a in spec):
-        return fn(q, k, v)
-    return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -244,10 +235,8 @@ def dot_product_attention(
         b, h = q.shape[0], q.shape[2]
         # Blocking only pays when both sides are long; cross-attention to 77 tokens stays one matmul.
         if backend == "chunked" and q.shape[1] > chunk_size and k.shape[1] > chunk_size:
-            fn = functools.partial(
-                _blocked_bhld, scale=scale, causal=causal, precision=precision, chunk=chunk_size
-            )
-            return _per_shard(fn, q, k, v)
+            fn = lambda q, k, v, _: _blocked_bhld(q, k, v, scale, causal, precision, chunk_size)  # noqa: E731
+            return per_device(fn, (q, k, v), names=("batch", None, "heads", None))
         out = _softmax_attention(_fold_heads(q), _fold_heads(k), _fold_heads(v), scale, causal, precision)
         return _unfold_heads(out, b, h)
     if backend in ("dot_product", "cudnn"):

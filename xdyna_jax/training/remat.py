@@ -5,14 +5,9 @@
           rest, attention scores included (the largest activations at 896x512)
     full  keep only the block's inputs; recompute the whole block in the backward pass
 
-"dots" is `jax.checkpoint` with JAX's policy. "full" is a custom VJP that keeps the call's inputs and, in the
-backward pass, reruns the call on inputs tied to the incoming cotangent (`nn.bf16_weights.tied_to`: same
-bits, integer ops). `jax.checkpoint` marks its recomputation with optimisation barriers, which XLA:CPU
-expands before scheduling; its scheduler then recomputes early and the remat is lost (a checkpointed MLP's
-gradient needed more memory than the plain one), so neither CPU runs nor the compiled memory analysis that
-sizes TPU jobs would see it. The cotangent dependency makes the recomputation wait for the backward pass on
-every backend, and no CSE pass can merge it with the forward. Gradients are the same (the recomputed values
-are the forward's).
+"dots" is `jax.checkpoint` with JAX's policy. "full" is `nn.recompute.recompute_in_backward`, a custom VJP
+whose recomputation waits for the cotangent: `jax.checkpoint`'s would be lost on XLA:CPU (see that module),
+and with it the compiled memory analysis that sizes TPU jobs.
 
 Targets are the UNet / ControlNet blocks (`down_blocks`, `mid_block`, `up_blocks`) and, finer, the layers
 inside them (`resnets`, `attentions` (the spatial transformers), `motion_modules`). Policies nest: a block
@@ -33,12 +28,11 @@ import functools
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
-from xdyna_jax.nn.bf16_weights import tied_to
 from xdyna_jax.nn.motion import VanillaTemporalModule
+from xdyna_jax.nn.recompute import recompute_in_backward
 from xdyna_jax.nn.resnet import ResnetBlock2D
 from xdyna_jax.nn.transformer import Transformer2DModel
 
@@ -66,39 +60,9 @@ def check_remat(policies: Mapping[str, str]) -> None:
             raise ValueError(f"remat.{block}: unknown policy {policy!r}; known policies: {sorted(POLICIES)}")
 
 
-def _first_float(tree) -> jax.Array | None:
-    return next(
-        (x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating) and x.size),
-        None,
-    )
-
-
-def _recompute_in_backward(run):
-    """`run(state, arrays)` keeping only its inputs; the backward pass reruns it (see the module doc)."""
-
-    @jax.custom_vjp
-    def call(state, arrays):
-        return run(state, arrays)
-
-    def forward(state, arrays):
-        return run(state, arrays), (state, arrays)
-
-    def backward(inputs, cotangent):
-        anchor = _first_float(cotangent)
-        if anchor is not None:
-            inputs = jax.tree_util.tree_map(
-                lambda x: tied_to(x, anchor) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs
-            )
-        _, vjp = jax.vjp(run, *inputs)
-        return vjp(cotangent)
-
-    call.defvjp(forward, backward)
-    return call
-
-
 def _checkpointed_call(base: type, policy_name: str):
     if policy_name == "full":
-        wrap = _recompute_in_backward
+        wrap = recompute_in_backward
     else:
         wrap = functools.partial(jax.checkpoint, policy=POLICIES[policy_name])
 
