@@ -494,15 +494,14 @@ def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215, width: int
     )
 
 
-def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value), ...] of every scalar in the TensorBoard event files under `folder`, in the
-    order written (event files are TFRecords: length, its CRC, the Event proto, its CRC)."""
+def tensorboard_values(folder):
+    """(step, summary value) of every summary in the TensorBoard event files under `folder`, in the order
+    written (event files are TFRecords: length, its CRC, the Event proto, its CRC)."""
     import struct
     from pathlib import Path
 
     from tensorboardX.proto.event_pb2 import Event
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
     for file in sorted(Path(folder).rglob("events.out.tfevents.*")):
         data, i = file.read_bytes(), 0
         while i < len(data):
@@ -510,31 +509,29 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
             event = Event.FromString(data[i + 12 : i + 12 + length])
             i += 12 + length + 4
             for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+                yield event.step, value
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value), ...] of every scalar summary under `folder`, in the order written."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for step, value in tensorboard_values(folder):
+        if value.HasField("simple_value"):
+            scalars.setdefault(value.tag, []).append((step, value.simple_value))
     return scalars
 
 
 def tensorboard_images(folder) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """tag -> [(step, uint8 (H, W, C) image), ...] of every image summary in the TensorBoard event files
-    under `folder`, in the order written (the PNGs decoded)."""
+    """tag -> [(step, uint8 (H, W, C) image), ...] of every image summary under `folder` (PNGs decoded)."""
     import io
-    import struct
-    from pathlib import Path
 
     from PIL import Image
-    from tensorboardX.proto.event_pb2 import Event
 
     images: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for file in sorted(Path(folder).rglob("events.out.tfevents.*")):
-        data, i = file.read_bytes(), 0
-        while i < len(data):
-            (length,) = struct.unpack("<Q", data[i : i + 8])
-            event = Event.FromString(data[i + 12 : i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    png = Image.open(io.BytesIO(value.image.encoded_image_string))
-                    images.setdefault(value.tag, []).append((event.step, np.asarray(png)))
+    for step, value in tensorboard_values(folder):
+        if value.HasField("image"):
+            png = Image.open(io.BytesIO(value.image.encoded_image_string))
+            images.setdefault(value.tag, []).append((step, np.asarray(png)))
     return images
 
 

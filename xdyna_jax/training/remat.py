@@ -10,7 +10,8 @@ whose recomputation waits for the cotangent: `jax.checkpoint`'s would be lost on
 and with it the compiled memory analysis that sizes TPU jobs.
 
 Targets are the UNet / ControlNet blocks (`down_blocks`, `mid_block`, `up_blocks`) and, finer, the layers
-inside them (`resnets`, `attentions` (the spatial transformers), `motion_modules`). Policies nest: a block
+inside them (`resnets`, `attentions` (the spatial transformers), `motion_modules`), and the ControlNets'
+`controlnet_cond_embedding` (a conv stack at the condition's full resolution, 896x512). Policies nest: a block
 under "full" whose layers are also "full" keeps only the layers' inputs while its backward pass runs, so one
 layer's activations are live at a time; layers under "full" inside blocks under "none" is the usual
 per-layer checkpointing (every layer input kept, each layer recomputed once). At 896x512 x 17 frames a
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 
+from xdyna_jax.models.controlnet import ControlNetConditioningEmbedding
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from xdyna_jax.nn.motion import VanillaTemporalModule
 from xdyna_jax.nn.recompute import recompute_in_backward
@@ -48,6 +50,7 @@ BLOCKS = {
     "resnets": ResnetBlock2D,
     "attentions": Transformer2DModel,
     "motion_modules": VanillaTemporalModule,
+    "controlnet_cond_embedding": ControlNetConditioningEmbedding,
 }
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
