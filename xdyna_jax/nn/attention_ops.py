@@ -38,9 +38,9 @@ of its block sizes and does not scale the scores, so the "splash" path
   - runs bfloat16 and float32 as given and float16 in float32 (TPUs have no float16 matmul); softmax
     statistics are float32 in the kernel. `precision` is not applied: the kernel's matmuls run at the
     hardware's precision for the input dtype.
-Built kernels are cached per (heads, lengths, causal, interpret), so tracing never rebuilds one. Under a
-device mesh the kernel is a custom call that XLA cannot partition: a sharded batch needs the call wrapped
-in `shard_map` over the batch / head axes.
+Built kernels are cached per (heads, lengths, causal, interpret), so tracing never rebuilds one. The
+kernel is a custom call that XLA cannot partition, so under a device mesh with rules it runs through
+`sharding.per_device` (`shard_map` over the batch and head axes), as the chunked loop does.
 """
 
 from __future__ import annotations
@@ -186,13 +186,16 @@ def _splash_kernel(heads, lq_padded, lk, lk_padded, causal, interpret):
         block_q_dq=bq,
         block_kv_dq=bkv,
     )
-    return splash.make_splash_mha(
-        masks.MultiHeadMask([mask] * heads),
-        block_sizes=blocks,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
-    )
+    # the kernel holds its mask tables as arrays: made concrete here even when the first caller is being
+    # traced (inside shard_map they would otherwise be that trace's values, and this cache would leak them)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(
+            masks.MultiHeadMask([mask] * heads),
+            block_sizes=blocks,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
 
 
 def _splash(q, k, v, scale, causal):
@@ -248,5 +251,7 @@ def dot_product_attention(
             )
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=impl)
     if backend == "splash":
-        return _splash(q, k, v, scale, causal)
+        # the kernel is a custom call XLA cannot partition: under a mesh each device runs it on its shard
+        fn = lambda q, k, v, _: _splash(q, k, v, scale, causal)  # noqa: E731
+        return per_device(fn, (q, k, v), names=("batch", None, "heads", None))
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
