@@ -81,12 +81,12 @@ def stage1_setup(
 
     from configs.models import model_configs
     from configs.train_xdyna import get_config as train_config
-    from configs.train_xdyna import training_configs
     from xdyna_jax.models.controlnet import ControlNetModel
     from xdyna_jax.models.unet import UNet
     from xdyna_jax.models.xdyna import XDynaDenoiser
     from xdyna_jax.nn.compute import Compute
     from xdyna_jax.nn.shape_only import shape_only_model
+    from xdyna_jax.training.sections import training_configs
     from xdyna_jax.training.step import Trainer
 
     model_cfg = _model_config(tiny)

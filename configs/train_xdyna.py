@@ -1,15 +1,15 @@
 """X-Dyna training (paper 4.1): which weights train, the objective, the optimizer and the step.
 
-`get_config("stage1")` / `get_config("stage2")`; `training_configs(cfg)` turns the sections into the
-training package's dataclasses (checking the trainable set's name before anything is built).
+`get_config("stage1")` / `get_config("stage2")`; `training_configs(cfg)` (xdyna_jax/training/sections.py)
+turns the sections into the training package's dataclasses (checking the trainable set's name first).
 """
 
 import ml_collections
 
 from configs.sharding import sharding_section
-from xdyna_jax.training.objective import ObjectiveConfig
-from xdyna_jax.training.optimizer import OptimizerConfig
-from xdyna_jax.training.step import StepConfig
+from xdyna_jax.training.sections import optimizer_config, training_configs
+
+__all__ = ["get_config", "optimizer_config", "training_configs"]
 
 
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
@@ -77,20 +77,3 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.debug = ml_collections.ConfigDict()
     cfg.debug.nan_at_step = 0  # > 0: that step's batch is poisoned with NaN (to test the NaN stop)
     return cfg
-
-
-def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
-    """The optimizer section; a decay without its own decay_steps ends at the run's last step."""
-    opt = cfg.optimizer.to_dict()
-    if opt.get("decay", "constant") != "constant" and not opt.get("decay_steps"):
-        opt["decay_steps"] = int(cfg.train.steps)
-    return OptimizerConfig(**opt)
-
-
-def training_configs(cfg: ml_collections.ConfigDict) -> tuple[StepConfig, OptimizerConfig, ObjectiveConfig]:
-    step = cfg.step.to_dict()
-    return (
-        StepConfig(**{**step, "remat": dict(step.get("remat", {}))}),
-        optimizer_config(cfg),
-        ObjectiveConfig(**cfg.objective.to_dict()),
-    )

@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 
 import xdyna_jax
-from configs.train_xdyna import training_configs
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import MANIFEST, XDYNA_SCHEDULER
 from xdyna_jax.training.checkpoint import Checkpoints, abstract_state
+from xdyna_jax.training.sections import training_configs
 from xdyna_jax.training.start import build_models
 from xdyna_jax.training.step import Trainer
 

@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from configs.train_xdyna import training_configs
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sharding import LogicalSharding, mesh_from_config, param_shardings, rules_from_config
 from xdyna_jax.training.batch import BatchBuilder, Layout, batch_sharding, empty_prompt_embedding
@@ -33,6 +32,7 @@ from xdyna_jax.training.export import CHECKPOINTS, export_bundle
 from xdyna_jax.training.init import TrainingModels
 from xdyna_jax.training.logs import MetricsLog, step_flops
 from xdyna_jax.training.preview import preview_for_run
+from xdyna_jax.training.sections import training_configs
 from xdyna_jax.training.sources import open_source
 from xdyna_jax.training.start import build_models, load_tokenizer, parse_init
 from xdyna_jax.training.step import Trainer, step_key
