@@ -14,17 +14,17 @@ to_q_ff/to_out_ff, pose ControlNet, motion modules) with their AdamW moments, th
 The layout is train.py's default sharding section: FSDP over all N devices (mesh data=1 fsdp=N tensor=1),
 every parameter and moment sharded by the config's rules, the batch split over (data, fsdp), so the global
 batch is N x --batch-per-device examples. Remat policies (training/remat.py) apply to every down, mid and
-up block of the UNet and the ControlNet alike, and to the resnets, spatial transformers and motion modules
-inside them; the transformers' feed-forward runs in slices of the config's `compute.feed_forward_chunk`.
+up block of the UNet and the ControlNet alike, to the resnets, spatial transformers and motion modules
+inside them, and to the ControlNet's conditioning embedding.
 
 Each N compiles in its own process with N simulated CPU devices (XLA_FLAGS
 --xla_force_host_platform_device_count); per-device memory is XLA's compiled memory analysis of that
 device's program: arguments (state + batch shard), temporaries, and peak = arguments + temporaries +
 outputs not aliased to a donated argument.
 
-FLOPs: XLA's cost analysis counts a loop body once (the chunked attention's loops, the sliced feed-forward,
-the micro-batch scan), so they come from a separate lowering of the same step on one device with "xla"
-attention and the feed-forward whole (no loop), no remat and no micro-batches, on --batch-per-device
+FLOPs: XLA's cost analysis counts a loop body once (the chunked attention's loops, the micro-batch scan),
+so they come from a separate lowering of the same step on one device with "xla" attention (no loop), no
+remat and no micro-batches, on --batch-per-device
 examples; the count is of that lowered (unoptimised) graph, which needs no compile. These are model
 FLOPs: remat's recomputation is not in them, as MFU conventionally counts. Per device = that count (FSDP splits the examples, not the work of one example);
 per step = per device x N. The v5e line is the step time at 50 % MFU of a TPU v5e chip (197 TFLOP/s bf16):
@@ -74,8 +74,6 @@ def stage1_setup(
     The denoiser comes from `shape_only_model` (ShapeDtypeStruct leaves); the state is `jax.eval_shape` of
     `Trainer.init_state`, so the fp32 master weights, bf16 frozen weights and AdamW moments are shapes too.
     """
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
@@ -95,8 +93,6 @@ def stage1_setup(
     tcfg.step.grad_accum_steps = 1
     step_cfg, opt_cfg, obj_cfg = training_configs(tcfg)
     compute = Compute(**{**tcfg.compute.to_dict(), "attention": attention})
-    if attention == "xla":  # the FLOP count's lowering: no loop anywhere (a loop body counts once)
-        compute = dataclasses.replace(compute, feed_forward_chunk=0)
     model_cfg.compute = compute.__dict__
     cfgs = model_configs(model_cfg)
     denoiser = XDynaDenoiser(

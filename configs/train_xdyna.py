@@ -52,11 +52,7 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     # the run (train.py): global batch, models' compute, mesh, schedule of logs / checkpoints / validation
     cfg.batch_size = 8  # examples per optimizer step over all devices
     cfg.seed = 0  # the TrainState's base key, data order, fresh ControlNet parts
-    # feed_forward_chunk: the transformers' feed-forward in slices of one 896x512 frame's latent tokens
-    # (nn/transformer.py); the 8x-wide hidden layer of 17 frames at once is the largest activation there is
-    cfg.compute = ml_collections.ConfigDict(
-        dict(dtype="bfloat16", precision="default", attention="chunked", feed_forward_chunk=7168)
-    )
+    cfg.compute = ml_collections.ConfigDict(dict(dtype="bfloat16", precision="default", attention="chunked"))
     cfg.sharding = sharding_section()
     cfg.train = ml_collections.ConfigDict()
     cfg.train.steps = 100_000

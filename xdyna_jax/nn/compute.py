@@ -27,10 +27,6 @@ class Compute:
     precision: str = "default"  # matmul/conv precision: default | high | highest
     attention: str = "chunked"  # see xdyna_jax.nn.attention_ops.BACKENDS
     attention_chunk: int = 512  # query block size of the "chunked" backend (512 is fastest on CPU here)
-    # tokens per slice of the transformers' feed-forward (0: all at once). Its GEGLU hidden layer is 8x the
-    # channels wide, the largest activation of a training step at 896x512 x 17 frames (1.25 GiB float32 per
-    # layer); in slices whose backward pass recomputes them (nn/recompute.py) only one slice's exists.
-    feed_forward_chunk: int = 0
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -40,10 +36,6 @@ class Compute:
         check_backend(self.attention)
         if self.attention_chunk < 1:
             raise ValueError(f"compute.attention_chunk must be >= 1, got {self.attention_chunk}")
-        if self.feed_forward_chunk < 0:
-            raise ValueError(
-                f"compute.feed_forward_chunk must be >= 0 (0: off), got {self.feed_forward_chunk}"
-            )
 
     @property
     def jnp_dtype(self):

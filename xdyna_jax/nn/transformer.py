@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.nn.attention import AdapterSelfAttention, Attention, IPCrossAttention
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import conv, linear
 from xdyna_jax.nn.norms import GroupNorm, LayerNorm
-from xdyna_jax.nn.recompute import recompute_in_backward
-from xdyna_jax.sharding import per_device
 
 
 class GEGLU(nnx.Module):
@@ -36,13 +32,8 @@ class Identity(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """GEGLU -> linear. With `compute.feed_forward_chunk` > 0 the tokens go through in slices of that many
-    under `lax.map`, each slice recomputed in the backward pass, so the 8x-wide hidden layer exists for one
-    slice at a time (the same per-token function: the values do not change)."""
-
     def __init__(self, dim: int, compute: Compute, rngs: nnx.Rngs, *, mult: int = 4):
         inner = dim * mult
-        self.chunk = compute.feed_forward_chunk
         self.net = nnx.List(
             [
                 GEGLU(dim, inner, compute, rngs),
@@ -51,33 +42,10 @@ class FeedForward(nnx.Module):
             ]
         )
 
-    def _apply(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.net:
             x = layer(x)
         return x
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        tokens = math.prod(x.shape[:-1])
-        if not self.chunk or tokens <= self.chunk:
-            return self._apply(x)
-        graphdef, state = nnx.split(self.net)
-
-        def run(state, inputs):
-            (xs,) = inputs
-            for layer in nnx.merge(graphdef, state):
-                xs = layer(xs)
-            return xs
-
-        one = recompute_in_backward(run)
-
-        def sliced(x, state):  # on one device's tokens (sharding.per_device)
-            tokens = math.prod(x.shape[:-1])
-            slices = -(-tokens // self.chunk)
-            flat = jnp.pad(x.reshape(tokens, x.shape[-1]), ((0, slices * self.chunk - tokens), (0, 0)))
-            out = jax.lax.map(lambda xs: one(state, [xs]), flat.reshape(slices, self.chunk, x.shape[-1]))
-            return out.reshape(slices * self.chunk, -1)[:tokens].reshape(*x.shape[:-1], -1)
-
-        return per_device(sliced, (x,), state)
 
 
 @dataclasses.dataclass(frozen=True)
