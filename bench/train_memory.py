@@ -46,7 +46,6 @@ V5E_PEAK_FLOPS = 197e12  # bf16 FLOP/s of one TPU v5e chip
 MFU = 0.5
 TEXT_TOKENS = 77  # the empty prompt's CLIP embedding, as train.py feeds it
 BLOCKS = ("down_blocks", "mid_block", "up_blocks")
-LAYERS = ("resnets", "attentions", "motion_modules", "controlnet_cond_embedding")  # training/remat.py
 # XLA:CPU's cheapest code generation. Buffer assignment, and with it the memory analysis, is decided on the
 # optimised HLO before code generation, so it is the same; the compile takes a fraction of the time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -84,6 +83,7 @@ def stage1_setup(
     from xdyna_jax.models.xdyna import XDynaDenoiser
     from xdyna_jax.nn.compute import Compute
     from xdyna_jax.nn.shape_only import shape_only_model
+    from xdyna_jax.training.remat import LAYERS
     from xdyna_jax.training.sections import training_configs
     from xdyna_jax.training.step import Trainer
 

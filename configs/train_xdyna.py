@@ -20,9 +20,21 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.step.trainable = stage
     cfg.step.grad_accum_steps = 1  # micro-batches per optimizer update (a scan inside one compiled step)
     cfg.step.frozen_dtype = "bfloat16"  # frozen SD / IP-Adapter weights: half the memory, never updated
-    # none | dots | full per block kind, for the UNet and the ControlNets alike; dots keeps the weight
-    # matmuls' outputs and recomputes attention, which dominates activation memory at 896x512 x 17 frames
-    cfg.step.remat = ml_collections.ConfigDict(dict(down_blocks="dots", mid_block="dots", up_blocks="dots"))
+    # none | dots | full per block kind and per layer kind inside the blocks, for the UNet and the ControlNets
+    # alike (training/remat.py). Every level "full" is what fits the paper's step (1 + 16 frames at 896x512,
+    # one example per device) in a 16 GiB TPU v5e over 8 devices (bench/train_memory.py); it recomputes the
+    # forward pass twice more. Smaller steps can drop the block level first (none/full).
+    cfg.step.remat = ml_collections.ConfigDict(
+        dict(
+            down_blocks="full",
+            mid_block="full",
+            up_blocks="full",
+            resnets="full",
+            attentions="full",
+            motion_modules="full",
+            controlnet_cond_embedding="full",
+        )
+    )
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.learning_rate = 1e-5  # the paper's AdamW rate for every module

@@ -34,6 +34,7 @@ from xdyna_jax.data import prepare, read_info
 from xdyna_jax.data.records import Record
 from xdyna_jax.io.video import read_video
 from xdyna_jax.nn.shape_only import shape_only_model
+from xdyna_jax.training.remat import LAYERS
 
 H = W = 8  # training canvas; the one-block VAE keeps the resolution (latents 8 x 8)
 SOURCE = (32, 32)  # the written videos
@@ -48,10 +49,11 @@ VAL_BATCHES = 8  # fixed draws: 8 batches x 2 clips x 2 frames, each clip its ow
 # does for its VAE (at SD's own scale they would be ~0.005: the noise alone, eps ~ x_t / sqrt(1 - abar), would
 # then be all there is to learn)
 VAE_SCALE = 20.0
+NO_LAYER_REMAT = [f"step.remat.{layer}=none" for layer in LAYERS]  # tiny model: no recomputation
 OVERRIDES = [
     "step.trainable=all", f"height={H}", f"width={W}", "frames=2", "batch_size=2", "compute.dtype=float32",
     "step.frozen_dtype=float32", "step.remat.down_blocks=none", "step.remat.mid_block=none",
-    "step.remat.up_blocks=none", f"optimizer.learning_rate={LR}", "optimizer.warmup_steps=30",
+    "step.remat.up_blocks=none", *NO_LAYER_REMAT, f"optimizer.learning_rate={LR}", "optimizer.warmup_steps=30",
     "optimizer.decay=cosine", "optimizer.weight_decay=0.0", "data.flip_prob=0.0", "data.face=none",
     f"train.log_every={LOG_EVERY}", f"train.save_every={STEPS}", f"train.val_every={STEPS}", f"train.val_batches={VAL_BATCHES}", "train.mfu=False",
     "compiler_options.xla_backend_optimization_level=0", "compiler_options.xla_llvm_disable_expensive_passes=True",

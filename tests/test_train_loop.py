@@ -29,6 +29,7 @@ from xdyna_jax.sharding import LogicalSharding, make_mesh, param_shardings, rule
 from xdyna_jax.training import export
 from xdyna_jax.training.checkpoint import Checkpoints, abstract_state
 from xdyna_jax.training.optimizer import OptimizerConfig
+from xdyna_jax.training.remat import LAYERS
 from xdyna_jax.training.sources import write_npz_example
 from xdyna_jax.training.start import build_models, parse_init
 from xdyna_jax.training.step import StepConfig, Trainer
@@ -37,10 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 H = W = 8  # frames; the one-block VAE keeps the resolution (latents 8 x 8)
 FAST_COMPILE = ["compiler_options.xla_backend_optimization_level=0",
                 "compiler_options.xla_llvm_disable_expensive_passes=True"]  # fmt: skip
+NO_LAYER_REMAT = [f"step.remat.{layer}=none" for layer in LAYERS]  # tiny model: no recomputation
 OVERRIDES = [
     f"height={H}", f"width={W}", "frames=2", "batch_size=2", "compute.dtype=float32",
     "step.frozen_dtype=float32", "step.remat.down_blocks=none", "step.remat.mid_block=none",
-    "step.remat.up_blocks=none", "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=0",
+    "step.remat.up_blocks=none", *NO_LAYER_REMAT, "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=0",
     "optimizer.ema_decay=0.5", "train.log_every=2", "train.save_every=2", "train.mfu=False", "train.export=False", *FAST_COMPILE,
 ]  # fmt: skip
 

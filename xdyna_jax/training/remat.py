@@ -43,6 +43,8 @@ POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+# the layer-level targets (inside the blocks, or before them); the rest of BLOCKS are the blocks
+LAYERS = ("resnets", "attentions", "motion_modules", "controlnet_cond_embedding")
 BLOCKS = {
     "down_blocks": DownBlock,
     "mid_block": MidBlock,
