@@ -277,15 +277,12 @@ def _random_model(cls, config, seed):
 def tiny_xdyna(tmp_path):
     """An `XDyna` (UNet with adapter, IP tokens and motion modules; pose and face ControlNets; VAE; CLIP text
     and vision; resampler), its tokenizer written under tmp_path/tokenizer."""
-    from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
-    from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-    from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-    from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-    from xdyna_jax.models.unet import UNet, UNetConfig
-    from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
-    from xdyna_jax.models.xdyna import XDynaDenoiser
-    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+    from xdyna_jax.models.clip_text import CLIPTextConfig
+    from xdyna_jax.models.clip_vision import CLIPVisionConfig
+    from xdyna_jax.models.controlnet import ControlNetConfig
+    from xdyna_jax.models.resampler import ResamplerConfig
+    from xdyna_jax.models.unet import UNetConfig
+    from xdyna_jax.models.vae import VAEConfig
 
     cross = TINY_XDYNA_CROSS
     unet = UNetConfig(
@@ -312,13 +309,28 @@ def tiny_xdyna(tmp_path):
         dim=16, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=cross
     )
     text = CLIPTextConfig(**dict(TINY_CLIP, hidden_size=cross))
+    return _random_xdyna(tmp_path, unet, pose_cn, face_cn, VAEConfig(**TINY_VAE), text, vision, resampler)
+
+
+def _random_xdyna(tmp_path, unet, pose_cn, face_cn, vae, text, vision, resampler):
+    """An XDyna of random models of these configs (seeds 0..6), its tokenizer written under tmp_path."""
+    from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+    from xdyna_jax.models.clip_text import CLIPTextModel
+    from xdyna_jax.models.clip_vision import CLIPVisionModelWithProjection
+    from xdyna_jax.models.controlnet import ControlNetModel
+    from xdyna_jax.models.resampler import Resampler
+    from xdyna_jax.models.unet import UNet
+    from xdyna_jax.models.vae import AutoencoderKL
+    from xdyna_jax.models.xdyna import XDynaDenoiser
+    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+
     return XDyna(
         denoiser=XDynaDenoiser(
             _random_model(UNet, unet, 0),
             _random_model(ControlNetModel, pose_cn, 1),
             _random_model(ControlNetModel, face_cn, 2),
         ),
-        vae=_random_model(AutoencoderKL, VAEConfig(**TINY_VAE), 3),
+        vae=_random_model(AutoencoderKL, vae, 3),
         text_encoder=_random_model(CLIPTextModel, text, 4),
         tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")),
         image_encoder=_random_model(CLIPVisionModelWithProjection, vision, 5),
@@ -446,15 +458,12 @@ def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215, width: int
     keeps the resolution, 2-layer CLIP vision, 1-layer CLIP text; its tokenizer written under
     tmp_path/tokenizer. `vae_scaling_factor` is the VAE's latent scale (SD's by default); `width` the channels
     of the UNet's and the ControlNets' one block."""
-    from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
-    from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-    from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
-    from xdyna_jax.models.resampler import Resampler, ResamplerConfig
-    from xdyna_jax.models.unet import UNet, UNetConfig
-    from xdyna_jax.models.vae import AutoencoderKL, VAEConfig
-    from xdyna_jax.models.xdyna import XDynaDenoiser
-    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+    from xdyna_jax.models.clip_text import CLIPTextConfig
+    from xdyna_jax.models.clip_vision import CLIPVisionConfig
+    from xdyna_jax.models.controlnet import ControlNetConfig
+    from xdyna_jax.models.resampler import ResamplerConfig
+    from xdyna_jax.models.unet import UNetConfig
+    from xdyna_jax.models.vae import VAEConfig
 
     block = dict(ONE_BLOCK, block_out_channels=(width,))
     unet = UNetConfig(
@@ -478,20 +487,7 @@ def one_block_xdyna(tmp_path, *, vae_scaling_factor: float = 0.18215, width: int
     )
     text = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
                           vocab_size=1000, max_position_embeddings=77)  # fmt: skip
-    return XDyna(
-        denoiser=XDynaDenoiser(
-            _random_model(UNet, unet, 0),
-            _random_model(ControlNetModel, controlnet(3), 1),
-            _random_model(ControlNetModel, controlnet(6), 2),
-        ),
-        vae=_random_model(AutoencoderKL, vae, 3),
-        text_encoder=_random_model(CLIPTextModel, text, 4),
-        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")),
-        image_encoder=_random_model(CLIPVisionModelWithProjection, vision, 5),
-        resampler=_random_model(Resampler, resampler, 6),
-        scheduler=XDYNA_SCHEDULER,
-        manifest={"kind": "xdyna"},
-    )
+    return _random_xdyna(tmp_path, unet, controlnet(3), controlnet(6), vae, text, vision, resampler)
 
 
 def tensorboard_values(folder):
