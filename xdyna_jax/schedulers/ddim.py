@@ -16,7 +16,6 @@ Deliberate differences from diffusers (0.42.1):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,10 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xdyna_jax.schedulers.betas import (
+    BETA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    betas_from_alphas_cumprod,
+    check_num_inference_steps,
+    make_betas,
+    rescale_zero_terminal_snr,
+    spaced_timesteps,
+)
+
 __all__ = ["DDIMConfig", "DDIMScheduler"]
 
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -67,10 +74,10 @@ class DDIMConfig:
 
         if not is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
             fail("num_train_timesteps", "a positive int")
-        if self.beta_schedule not in _BETA_SCHEDULES:
-            fail("beta_schedule", f"one of {_BETA_SCHEDULES}")
-        if self.timestep_spacing not in _TIMESTEP_SPACINGS:
-            fail("timestep_spacing", f"one of {_TIMESTEP_SPACINGS}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            fail("beta_schedule", f"one of {BETA_SCHEDULES}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            fail("timestep_spacing", f"one of {TIMESTEP_SPACINGS}")
         if self.prediction_type not in _PREDICTION_TYPES:
             fail("prediction_type", f"one of {_PREDICTION_TYPES}")
         if not is_int(self.steps_offset) or self.steps_offset < 0:
@@ -113,43 +120,17 @@ class DDIMConfig:
         return out
 
 
-def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
-    """Betas of the squared-cosine alpha-bar schedule (Nichol & Dhariwal, 2021)."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    return np.array(
-        [
-            min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-            for i in range(num_steps)
-        ]
-    )
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (Lin et al., 2023, Algorithm 1)."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alpha_bar = sqrt_ab**2
-    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1.0 - alphas
-
-
 def _betas(config: DDIMConfig) -> np.ndarray:
     """Float64 betas for ``config``."""
-    n = config.num_train_timesteps
-    if config.trained_betas is not None:
-        betas = np.asarray(config.trained_betas, dtype=np.float64)
-    elif config.beta_schedule == "linear":
-        betas = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64)
-    elif config.beta_schedule == "scaled_linear":
-        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=np.float64) ** 2
-    else:
-        betas = _cosine_betas(n)
+    betas = make_betas(
+        config.num_train_timesteps,
+        config.beta_schedule,
+        config.beta_start,
+        config.beta_end,
+        config.trained_betas,
+    )
     if config.rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
+        betas = betas_from_alphas_cumprod(rescale_zero_terminal_snr(np.cumprod(1.0 - betas)))
     return betas
 
 
@@ -178,32 +159,14 @@ class DDIMScheduler:
         )
 
     def _check_num_steps(self, num_inference_steps: int) -> None:
-        t = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= t:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps!r} must be an int in [1, num_train_timesteps={t}]."
-            )
+        check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
         """Descending int32 timesteps for a sampling run (host-side, so loop lengths stay static)."""
-        self._check_num_steps(num_inference_steps)
-        cfg, n = self.config, num_inference_steps
-        t = cfg.num_train_timesteps
-        if cfg.timestep_spacing == "linspace":
-            steps = np.linspace(0, t - 1, n).round()[::-1]
-        elif cfg.timestep_spacing == "leading":
-            steps = np.arange(n)[::-1] * (t // n) + cfg.steps_offset
-        else:
-            # Same float expression as diffusers' np.arange(t, 0, -t / n) for the first n entries, without
-            # the spurious extra element that float arange produces for some n.
-            steps = np.round(t - np.arange(n) * (t / n)) - 1
-        steps = steps.astype(np.int32)
-        if steps.max() >= t:
-            raise ValueError(
-                f"steps_offset={cfg.steps_offset} with num_inference_steps={n} gives timestep {steps.max()}"
-                f" >= num_train_timesteps={t}."
-            )
-        return steps
+        cfg = self.config
+        return spaced_timesteps(
+            cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset
+        )
 
     def _alpha_prod(self, timesteps: jax.Array) -> jax.Array:
         return self.alphas_cumprod[jnp.asarray(timesteps, jnp.int32)]
