@@ -3,7 +3,8 @@
 Our modules carry PyTorch's attribute names, so the mapping is mechanical:
   torch key  `down_blocks.0.resnets.1.conv1.weight`  <->  NNX path ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')
 Leaves: `weight` -> `kernel` (Linear / Conv), `scale` (norms) or `embedding` (Embed), decided by what the
-target module holds. Layouts: Conv2d [O,I,kh,kw] <-> kernel [kh,kw,I,O]; Linear [O,I] <-> kernel [I,O];
+target module holds. Layouts: Conv2d [O,I,kh,kw] <-> kernel [kh,kw,I,O]; Conv3d [O,I,kt,kh,kw] <->
+kernel [kt,kh,kw,I,O]; Linear [O,I] <-> kernel [I,O];
 norm and embedding tables unchanged. The same rules run backwards for export, so a round trip is exact.
 """
 
@@ -33,6 +34,8 @@ def torch_key(path: tuple) -> str:
 
 
 def to_flax_layout(leaf: str, value: np.ndarray, target_ndim: int) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 5:  # Conv3d
+        return value.transpose(2, 3, 4, 1, 0)
     if leaf == "kernel" and value.ndim == 4:  # Conv2d
         return value.transpose(2, 3, 1, 0)
     if leaf == "kernel" and value.ndim == 2 and target_ndim == 2:  # Linear
@@ -43,6 +46,8 @@ def to_flax_layout(leaf: str, value: np.ndarray, target_ndim: int) -> np.ndarray
 
 
 def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 5:
+        return value.transpose(4, 3, 0, 1, 2)
     if leaf == "kernel" and value.ndim == 4:
         return value.transpose(3, 2, 0, 1)
     if leaf == "kernel" and value.ndim == 2:

@@ -8,7 +8,8 @@ Every parameter carries logical axis names, one per dimension (Flax's `out_shard
 `xdyna_jax.sharding` maps onto mesh axes through one rules table. The vocabulary:
   embed            a model's channel width (the narrow side of a projection; attention in/out width)
   heads / mlp      the wide side: attention q/k/v outputs and out-projection inputs / feed-forward hidden
-  conv_in/conv_out a conv kernel's input / output channels (kernel height and width are None)
+  conv_in/conv_out a conv kernel's input / output channels (kernel height and width, and a 3-D
+                   kernel's depth, are None)
   norm             GroupNorm / LayerNorm scales and biases
   vocab            rows of an embedding table (tokens, positions)
 A bias takes the name of its layer's output dimension.
@@ -95,6 +96,40 @@ def conv(
         precision=compute.lax_precision,
         conv_general_dilated=conv2d,
         kernel_metadata=axis_names((None, None, *names)),
+        bias_metadata=axis_names(names[1:]),
+        rngs=rngs,
+    )
+
+
+def conv3d(
+    din: int,
+    dout: int,
+    kernel: tuple[int, int, int],
+    compute: Compute,
+    rngs: nnx.Rngs,
+    *,
+    padding: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0)),
+    bias: bool = True,
+    names: tuple[str, str] = CONV_NAMES,
+) -> nnx.Conv:
+    """PyTorch-style Conv3d on channels-last video (B, T, H, W, C), stride 1, explicit `padding` per axis.
+
+    Leaves `kernel` [kt, kh, kw, I, O] and `bias`; the convolution is XLA's native one (through `conv2d`,
+    which passes anything but a 2-D conv straight to `lax.conv_general_dilated`, keeping the bf16-weight
+    handling of nn/bf16_weights.py). `names`: the logical axes of the input / output channels.
+    """
+    return nnx.Conv(
+        din,
+        dout,
+        kernel_size=tuple(kernel),
+        strides=(1, 1, 1),
+        padding=tuple(tuple(p) for p in padding),
+        use_bias=bias,
+        dtype=compute.jnp_dtype,
+        param_dtype=jnp.float32,
+        precision=compute.lax_precision,
+        conv_general_dilated=conv2d,
+        kernel_metadata=axis_names((None, None, None, *names)),
         bias_metadata=axis_names(names[1:]),
         rngs=rngs,
     )
