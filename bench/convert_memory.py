@@ -3,12 +3,20 @@
     python -m bench.convert_memory                  # full size (11.5 GiB of fakes under the temp dir)
     python -m bench.convert_memory --scale 0.5      # every width halved: about a quarter of the bytes
     python -m bench.convert_memory --keep fakes/     # keep (and reuse) the fakes in fakes/
+    python -m bench.convert_memory --dynamictrl      # the DynamiCtrl transformer (5.8 B params, 11.5 GB bf16)
+    python -m bench.convert_memory --dynamictrl --layers 2   # the same with 2 of its 42 blocks (quick check)
 
 The fakes are random weights in the release's file layouts: an SD 1.5 diffusers folder (unet, vae,
 text_encoder as safetensors), the X-Dyna UNet .ckpt (`state_dict` wrapper, DDP `module.` prefixes, motion
 modules v1 with their pe buffers, Dynamics-Adapter, IP-Adapter projections), the pose and S-Face ControlNet
 .ckpt files, ip-adapter-plus_sd15.bin and a CLIP ViT-H/14 image_encoder/ folder. Each converter and export
 runs in a fresh `python -m convert` process; its peak RSS is that process's own (wait4's rusage).
+
+--dynamictrl instead writes a DynamiCtrl pipeline folder whose transformer is full size (random bf16,
+generated tensor by tensor into `diffusion_pytorch_model-0000k-of-0000n.safetensors` shards of 5 GB + the
+index, as the release's), with a tiny VAE / T5 / tokenizer beside it, and measures `convert dynamictrl`
+(bf16, the default), `export` of that bundle, and `convert dynamictrl --dtype fp32`. Disk: about 35 GB at
+the peak (fakes + the fp32 bundle); outputs are deleted as soon as they are measured.
 """
 
 from __future__ import annotations
@@ -262,16 +270,167 @@ def steps(root: Path, out: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------ DynamiCtrl
+
+
+def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random finite bf16 values (|x| in [2^-7, 2^-6)) made from random bits: fast, one tensor at a time."""
+    import ml_dtypes
+
+    bits = rng.integers(0, 2**16, size=shape, dtype=np.uint16)
+    return ((bits & 0x807F) | 0x3C00).view(ml_dtypes.bfloat16)
+
+
+def _write_random_part(folder: Path, model_cls, config, foreign: dict, stem: str, seed: int) -> int:
+    """config.json + random bf16 weights in the layout of `model_cls(config)`, 5 GB shards; returns bytes."""
+    import ml_dtypes
+    from flax import nnx
+
+    from convert.io import parse_size, write_sharded_safetensors_from
+    from convert.state import to_torch_layout, torch_key
+    from xdyna_jax.nn.shape_only import shape_only_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(foreign, indent=2))
+    specs = {}
+    for path, var in nnx.to_flat_state(nnx.state(shape_only_model(model_cls, config), nnx.Param)):
+        shape = to_torch_layout(path[-1], np.empty(var.shape, np.bool_)).shape
+        specs[torch_key(path)] = (np.dtype(ml_dtypes.bfloat16), tuple(shape))
+    rng = np.random.default_rng(seed)
+    write_sharded_safetensors_from(
+        specs, lambda key: _random_bf16(rng, specs[key][1]), folder, stem, parse_size("5GB")
+    )
+    return sum(2 * int(np.prod(shape)) for _, shape in specs.values())
+
+
+def _write_tiny_tokenizer(folder: Path) -> None:
+    import io
+
+    import sentencepiece as spm
+
+    words = ("person", "dress", "walks", "dances", "red", "blue", "wall", "park", "arms", "turns")
+    corpus = [" ".join(words[(i * k) % len(words)] for k in range(1, 8)) for i in range(40)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=24,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0, "model_max_length": 226}))
+
+
+def build_dynamictrl_fakes(root: Path, layers: int) -> None:
+    """A DynamiCtrl pipeline folder: full-size transformer (`layers` blocks), tiny VAE / T5 / tokenizer."""
+    from xdyna_jax.models.cogvideox import CogVideoXConfig
+    from xdyna_jax.models.dynamictrl import DynamiCtrlTransformerModel
+    from xdyna_jax.models.t5 import T5Config, T5EncoderModel
+    from xdyna_jax.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+    from xdyna_jax.schedulers.cogvideox import CogVideoXSchedulerConfig
+
+    folder = root / "DynamiCtrl"
+    transformer = CogVideoXConfig(num_layers=layers)
+    total = _write_random_part(
+        folder / "transformer",
+        DynamiCtrlTransformerModel,
+        transformer,
+        transformer.to_diffusers("DynamiCtrlTransformerModel"),
+        "diffusion_pytorch_model",
+        0,
+    )
+    vae = CogVideoXVAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    _write_random_part(
+        folder / "vae", AutoencoderKLCogVideoX, vae, vae.to_diffusers(), "diffusion_pytorch_model", 1
+    )
+    t5 = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    _write_random_part(folder / "text_encoder", T5EncoderModel, t5, t5.to_transformers(), "model", 2)
+    _write_tiny_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "CogVideoXDDIMScheduler", **CogVideoXSchedulerConfig().to_diffusers()})
+    )
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXImageToVideoPipeline"}))
+    (root / "fakes.json").write_text(json.dumps({"dynamictrl_layers": layers, "transformer_bytes": total}))
+
+
+def run_dynamictrl(root: Path, layers: int) -> None:
+    stamp = root / "fakes.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()).get("dynamictrl_layers") == layers):
+        shutil.rmtree(root, ignore_errors=True)
+        build = run_measured(
+            [
+                "bench.convert_memory",
+                "--build-only",
+                "--dynamictrl",
+                "--layers",
+                str(layers),
+                "--keep",
+                str(root),
+            ]
+        )
+        print(f"built DynamiCtrl fakes ({layers} blocks) in {build['wall_s']} s", flush=True)
+    total = json.loads(stamp.read_text())["transformer_bytes"]
+    shards = sorted((root / "DynamiCtrl" / "transformer").glob("*.safetensors"))
+    print(f"transformer: {total / 1e9:.2f} GB bf16 ({total // 2 / 1e9:.2f} B params) in {len(shards)} shards")
+    src, bf16, fp32, exported = root / "DynamiCtrl", root / "out_bf16", root / "out_fp32", root / "exported"
+    plan = [
+        (
+            "convert dynamictrl (bf16)",
+            ["convert", "dynamictrl", "--input", str(src), "--output", str(bf16)],
+            [],
+        ),
+        (
+            "export diffusers (bf16 bundle)",
+            ["convert", "export", "--input", str(bf16), "--output", str(exported)],
+            [bf16, exported],
+        ),
+        (
+            "convert dynamictrl --dtype fp32",
+            ["convert", "dynamictrl", "--input", str(src), "--output", str(fp32), "--dtype", "fp32"],
+            [fp32],
+        ),
+    ]
+    print(f"{'step':<46}{'wall s':>8}{'peak RSS GiB':>14}")
+    for name, cmd, delete_after in plan:
+        r = run_measured(cmd)
+        print(f"{name:<46}{r['wall_s']:>8}{r['peak_rss_gib']:>14}", flush=True)
+        for path in delete_after:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=1.0, help="width factor of every model (1: the release's)")
     p.add_argument("--keep", help="folder for the fakes, kept afterwards (reused if built at the same scale)")
     p.add_argument("--only", help="run only the steps whose name contains this text (e.g. 'export')")
+    p.add_argument(
+        "--dynamictrl", action="store_true", help="the DynamiCtrl converter on a full-size transformer"
+    )
+    p.add_argument(
+        "--layers", type=int, default=42, help="--dynamictrl: transformer blocks (42: the release's)"
+    )
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the builder worker
     args = p.parse_args(argv)
 
     if args.build_only:
-        build_fakes(Path(args.keep), args.scale)
+        if args.dynamictrl:
+            build_dynamictrl_fakes(Path(args.keep), args.layers)
+        else:
+            build_fakes(Path(args.keep), args.scale)
+        return
+    if args.dynamictrl:
+        root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dynamictrl-fakes-"))
+        try:
+            run_dynamictrl(root, args.layers)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
         return
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="xdyna-fakes-"))
     try:

@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "xdyna-unet": ("convert.xdyna_unet", "official X-Dyna UNet checkpoint -> video UNet bundle"),
     "xdyna": ("convert.xdyna", "the whole X-Dyna release (+ SD 1.5 + IP-Adapter-plus) -> one X-Dyna bundle"),
+    "dynamictrl": (
+        "convert.dynamictrl",
+        "the DynamiCtrl release (CogVideoX1.5-I2V folder) -> one DynamiCtrl bundle",
+    ),
+    "cogvideox": (
+        "convert.cogvideox",
+        "a stock CogVideoX / CogVideoX1.5 (-I2V) diffusers folder -> one bundle",
+    ),
 }
 
 

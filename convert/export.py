@@ -10,6 +10,9 @@
                         .safetensors; the UNet's with its `pos_encoder.pe` buffers)
 Weights are written as float32, so PyTorch -> Flax -> PyTorch is bit-identical. They are read from the
 bundle as host arrays and rewritten one tensor at a time, so an export holds about one copy of the model.
+CogVideoX / DynamiCtrl bundles (`convert cogvideox` / `convert dynamictrl` outputs, or one of their model
+bundles) export to the diffusers pipeline layout they came from, sharded like the release and in the
+bundle's stored dtype, so a bf16 release comes back bit for bit (convert/cogvideox_folder.py).
 A video UNet has no diffusers UNet2DConditionModel folder (that would drop its motion modules and X-Dyna's
 adapters), so the diffusers layout refuses it.
 """
@@ -149,8 +152,37 @@ def _write_component(bundle: Path, out: Path) -> str:
     return kind
 
 
+def _cogvideox_family(src: Path) -> str | None:
+    """Whether src is a CogVideoX-family pipeline bundle ("pipeline"), model bundle ("bundle") or neither."""
+    from convert.cogvideox_folder import EXPORT_KINDS, PIPELINE_KINDS
+
+    try:
+        if (src / "model.json").is_file():
+            return "bundle" if read_meta(src)["kind"] in EXPORT_KINDS else None
+        if (src / "manifest.json").is_file():
+            return (
+                "pipeline"
+                if read_json(src / "manifest.json", "manifest").get("kind") in PIPELINE_KINDS
+                else None
+            )
+    except BundleError as e:
+        raise ConversionError(str(e)) from e
+    return None
+
+
 def export_diffusers(src: Path, output: Path, overwrite: bool = False) -> Path:
+    # CogVideoX / DynamiCtrl: sharded safetensors in the bundle's stored dtype (bf16 stays bf16)
+    family = _cogvideox_family(src)
+    if family == "pipeline":
+        from convert.cogvideox_folder import export_pipeline_folder
+
+        return export_pipeline_folder(src, output, overwrite=overwrite)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        if family == "bundle":
+            from convert.cogvideox_folder import export_bundle
+
+            export_bundle(src, tmp)
+            return output
         if (src / "model.json").is_file():  # a single bundle
             _write_component(src, tmp)
             return output

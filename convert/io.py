@@ -15,7 +15,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,14 @@ import numpy as np
 
 __all__ = [
     "ConversionError",
+    "SafetensorsWeights",
     "atomic_file",
     "atomic_output_dir",
+    "find_safetensors_weights",
     "find_weights_file",
     "key_list",
+    "parse_size",
+    "plan_shards",
     "read_json",
     "read_state_dict",
     "refuse_existing_output",
@@ -35,6 +39,8 @@ __all__ = [
     "write_manifest",
     "write_safetensors",
     "write_scheduler_config",
+    "write_sharded_safetensors",
+    "write_sharded_safetensors_from",
 ]
 
 _TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
@@ -444,3 +450,306 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
         pass
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+# safetensors dtype names <-> numpy dtypes (bf16 through ml_dtypes)
+_SAFETENSORS_DTYPES = {
+    "BF16": _BFLOAT16,
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# A shard is reopened after this many bytes were read from it: safe_open maps the whole file, and every
+# page a read touched stays resident (and counts as the process's memory) until the mapping is closed.
+_REOPEN_BYTES = 256 * 2**20
+
+
+class SafetensorsWeights:
+    """The tensors of one .safetensors file or of a `*.safetensors.index.json` and its shards, read lazily.
+
+    Opening reads only the headers: every shard must exist and be a complete safetensors file, every tensor
+    the index lists must be in the shard it names, and no shard may hold a tensor the index does not list
+    or that another shard holds too. Names, shapes and dtypes are then known without reading any data, so
+    a converter can check a whole model before reading it; `tensors()` hands out one tensor at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConversionError(f"no such file: {self.path}")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.files: dict[str, Path] = {}
+        if self.path.name.endswith(".safetensors.index.json"):
+            self._read_index()
+        elif self.path.suffix == ".safetensors":
+            self._read_header(self.path, expected=None)
+        else:
+            raise ConversionError(
+                f"{self.path}: expected a .safetensors file or a *.safetensors.index.json shard index"
+            )
+        if not self.shapes:
+            raise ConversionError(f"{self.path} contains no tensors")
+
+    @property
+    def shard_files(self) -> list[Path]:
+        return sorted(set(self.files.values()))
+
+    def nbytes(self, key: str) -> int:
+        return int(np.prod(self.shapes[key], dtype=np.int64)) * self.dtypes[key].itemsize
+
+    def _read_index(self) -> None:
+        index = read_json(self.path, "shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(
+                f"cannot read shard index {self.path}: 'weight_map' is empty or not a mapping"
+            )
+        by_shard: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ConversionError(f"{self.path}: tensor {key!r} names shard {name!r}, not a file name")
+            by_shard.setdefault(name, []).append(key)
+        _check_shard_numbering(self.path, sorted(by_shard))
+        for name in sorted(by_shard):  # every listed file first: a missing one is the likelier mistake
+            shard = self.path.parent / name
+            if not shard.is_file():
+                raise ConversionError(
+                    f"no such file: {shard} (a shard listed in {self.path} for "
+                    f"{key_list(by_shard[name], limit=3, noun='tensor')})"
+                )
+        for name in sorted(by_shard):
+            self._read_header(self.path.parent / name, expected=set(by_shard[name]))
+
+    def _read_header(self, file: Path, expected: set[str] | None) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="np") as f:
+                header = {}
+                for key in f.keys():
+                    view = f.get_slice(key)
+                    header[key] = (tuple(view.get_shape()), view.get_dtype())
+        except Exception as e:
+            raise ConversionError(
+                f"cannot read {file}: it is truncated or not a safetensors checkpoint ({_brief(e)})"
+            ) from e
+        if expected is not None:
+            absent = sorted(expected - set(header))
+            if absent:
+                raise ConversionError(
+                    f"{self.path} lists tensors that {file.name} does not contain: {key_list(absent)}"
+                )
+            extra = sorted(set(header) - expected)
+            if extra:
+                raise ConversionError(
+                    f"{file} holds tensors that {self.path.name} does not list: {key_list(extra)}"
+                )
+        for key, (shape, dtype) in header.items():
+            if key in self.files:
+                raise ConversionError(f"tensor {key!r} is in both {self.files[key]} and {file}")
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ConversionError(f"{file}: tensor {key!r} has unsupported dtype {dtype}")
+            self.shapes[key], self.dtypes[key], self.files[key] = shape, _SAFETENSORS_DTYPES[dtype], file
+
+    def tensors(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for `keys` (default: all), shard by shard, each array in its stored dtype.
+
+        Each array is a fresh copy (not a view of the file), so the caller may keep it; at most about
+        _REOPEN_BYTES of file pages are mapped at any time.
+        """
+        from safetensors import safe_open
+
+        wanted = list(self.shapes) if keys is None else list(keys)
+        unknown = [k for k in wanted if k not in self.files]
+        if unknown:
+            raise ConversionError(f"{self.path} holds no tensors named {key_list(unknown)}")
+        for file in self.shard_files:
+            names = [k for k in wanted if self.files[k] == file]
+            start = 0
+            while start < len(names):
+                try:
+                    with safe_open(str(file), framework="np") as f:
+                        read = 0
+                        while start < len(names) and (read == 0 or read < _REOPEN_BYTES):
+                            key = names[start]
+                            yield key, f.get_tensor(key)
+                            read += self.nbytes(key)
+                            start += 1
+                except ConversionError:
+                    raise
+                except Exception as e:
+                    raise ConversionError(f"cannot read {file}: {_brief(e)}") from e
+
+
+def _check_shard_numbering(index: Path, names: list[str]) -> None:
+    """`stem-0000k-of-0000n.safetensors` names must cover 1..n: a missing k means a shard the index forgot."""
+    import re
+
+    numbered = [re.fullmatch(r".*-(\d+)-of-(\d+)\.safetensors", n) for n in names]
+    if not numbered or not all(numbered):
+        return
+    totals = {int(m.group(2)) for m in numbered}
+    if len(totals) != 1:
+        raise ConversionError(f"{index} names shards of different series: {', '.join(names)}")
+    total = totals.pop()
+    absent = sorted(set(range(1, total + 1)) - {int(m.group(1)) for m in numbered})
+    if absent:
+        raise ConversionError(
+            f"{index} lists no tensors in shard(s) {', '.join(f'{k} of {total}' for k in absent)}: "
+            "the index does not belong to these shards"
+        )
+
+
+def find_safetensors_weights(folder: str | os.PathLike, stem: str) -> SafetensorsWeights:
+    """A model folder's `stem.safetensors` or `stem.safetensors.index.json` + shards, opened lazily.
+
+    Shards without their index and pickled weights (.bin) are refused with a message saying so.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"no such folder: {folder}")
+    for name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors"):
+        if (folder / name).is_file():
+            return SafetensorsWeights(folder / name)
+    shards = sorted(p.name for p in folder.glob(f"{stem}-*-of-*.safetensors"))
+    if shards:
+        raise ConversionError(
+            f"{folder} holds the shards {', '.join(shards)} but not their index {stem}.safetensors.index.json"
+        )
+    present = sorted(p.name for p in folder.iterdir())
+    raise ConversionError(
+        f"no safetensors weights in {folder}: looked for {stem}.safetensors and {stem}.safetensors.index.json"
+        " (pickled .bin weights are not streamed: re-save them as safetensors); the folder holds "
+        + (key_list(present, noun="file") if present else "nothing")
+    )
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '10KB' / '1GiB' / a plain byte count -> bytes (diffusers' max_shard_size style)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
+    if not m:
+        raise ConversionError(f"cannot read the size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+    unit = m.group(2) or "B"
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Split names (in order) into shards of at most max_shard_bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for key, n in sizes.items():
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_sharded_safetensors(
+    tensors: dict[str, np.ndarray],
+    folder: str | os.PathLike,
+    stem: str,
+    max_shard_bytes: int,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write `tensors` as diffusers/transformers do: one `stem.safetensors`, or shards
+    `stem-0000k-of-0000n.safetensors` plus `stem.safetensors.index.json` when they exceed max_shard_bytes.
+
+    Streams: each tensor is written straight from its buffer and then removed from `tensors` (the dict is
+    emptied), so the caller's memory shrinks as the files grow. Every file appears atomically.
+    """
+    specs = {}
+    for key, value in tensors.items():
+        if not isinstance(value, np.ndarray):
+            raise ConversionError(f"cannot write {folder}: tensor {key!r} is a {type(value).__name__}")
+        specs[key] = (value.dtype, tuple(value.shape))
+    return write_sharded_safetensors_from(specs, tensors.pop, folder, stem, max_shard_bytes, metadata)
+
+
+def write_sharded_safetensors_from(
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    fetch: Callable[[str], np.ndarray],
+    folder: str | os.PathLike,
+    stem: str,
+    max_shard_bytes: int,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """`write_sharded_safetensors` for tensors made on demand: `specs` gives each name's (dtype, shape) in
+    file order, `fetch(name)` the array itself when its turn comes (so a writer never holds more than one)."""
+    folder = Path(folder)
+    sizes = {}
+    for key, (dtype, shape) in specs.items():
+        if np.dtype(dtype) not in _NUMPY_TO_SAFETENSORS:
+            raise ConversionError(
+                f"cannot write {folder}: tensor {key!r} has dtype {dtype}, not a safetensors one"
+            )
+        sizes[key] = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    shards = plan_shards(sizes, max_shard_bytes)
+    meta = dict(metadata or {"format": "pt"})
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    written = []
+    for name, keys in zip(names, shards, strict=True):
+        _write_safetensors_streaming({k: specs[k] for k in keys}, fetch, folder / name, meta)
+        written.append(folder / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in sorted(keys)},
+        }
+        write_json(folder / f"{stem}.safetensors.index.json", index)
+        written.append(folder / f"{stem}.safetensors.index.json")
+    return written
+
+
+def _write_safetensors_streaming(
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    fetch: Callable[[str], np.ndarray],
+    path: Path,
+    metadata: Mapping[str, str],
+) -> None:
+    """One safetensors file: an 8-byte header length, the JSON header (padded to 8 bytes), the raw data."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, (dtype, shape) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {
+            "dtype": _NUMPY_TO_SAFETENSORS[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the safetensors writer keeps it
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, (dtype, shape) in specs.items():
+            value = np.ascontiguousarray(fetch(key))
+            if value.dtype != np.dtype(dtype) or tuple(value.shape) != tuple(shape):
+                raise ConversionError(
+                    f"cannot write {path}: tensor {key!r} is {value.dtype} {value.shape}, "
+                    f"announced as {np.dtype(dtype)} {tuple(shape)}"
+                )
+            f.write(value.reshape(-1).view(np.uint8).data)
+            del value

@@ -45,6 +45,15 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "clip_vision": ("xdyna_jax.models.clip_vision", "CLIPVisionConfig", "CLIPVisionModelWithProjection"),
     "resampler": ("xdyna_jax.models.resampler", "ResamplerConfig", "Resampler"),
     "controlnet": ("xdyna_jax.models.controlnet", "ControlNetConfig", "ControlNetModel"),
+    # CogVideoX / DynamiCtrl (convert cogvideox / convert dynamictrl)
+    "cogvideox_transformer": ("xdyna_jax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer3DModel"),
+    "dynamictrl_transformer": (
+        "xdyna_jax.models.dynamictrl",
+        "CogVideoXConfig",
+        "DynamiCtrlTransformerModel",
+    ),
+    "cogvideox_vae": ("xdyna_jax.models.vae_cogvideox", "CogVideoXVAEConfig", "AutoencoderKLCogVideoX"),
+    "t5_encoder": ("xdyna_jax.models.t5", "T5Config", "T5EncoderModel"),
 }
 
 # One sharding for all, a function of (param path, shape), a tree of shardings shaped like the params (a

@@ -19,9 +19,11 @@ from flax import nnx
 
 from xdyna_jax.bundle import BundleError, load, read_bundle_json
 from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+from xdyna_jax.conditioning.t5_tokenizer import T5Tokenizer
 from xdyna_jax.models.xdyna import XDynaDenoiser
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.schedulers import DDIMConfig
+from xdyna_jax.schedulers.cogvideox import CogVideoXSchedulerConfig
 from xdyna_jax.sharding import LogicalSharding
 
 MANIFEST = "manifest.json"
@@ -121,8 +123,97 @@ def load_xdyna(
     )
 
 
+@dataclasses.dataclass
+class CogVideoX:
+    """Every part of a converted CogVideoX pipeline bundle (`python -m convert cogvideox`)."""
+
+    transformer: nnx.Module
+    vae: nnx.Module
+    text_encoder: nnx.Module
+    tokenizer: T5Tokenizer
+    scheduler: CogVideoXSchedulerConfig
+    # the diffusers class the folder's scheduler config names (CogVideoXDDIMScheduler / CogVideoXDPMScheduler)
+    scheduler_class: str
+    manifest: dict
+
+
+@dataclasses.dataclass
+class DynamiCtrl(CogVideoX):
+    """A converted DynamiCtrl bundle (`python -m convert dynamictrl`): `transformer` has control_norm1 blocks."""
+
+
+def _load_cogvideox_family(path, kind, transformer_kind, cls, *, compute, param_dtype, sharding):
+    path = Path(path)
+    manifest = _expect_kind(path, kind)
+
+    def part(name, part_kind):
+        if not (path / name).is_dir():
+            raise BundleError(f"{path} is missing its {name}/ bundle")
+        return load(
+            path / name, sharding=sharding, compute=compute, expected_kind=part_kind, param_dtype=param_dtype
+        )
+
+    if not (path / "tokenizer").is_dir():
+        raise BundleError(f"{path} is missing its tokenizer/ folder")
+    scheduler = read_bundle_json(path / "scheduler", "scheduler_config.json", "scheduler config folder")
+    return cls(
+        transformer=part("transformer", transformer_kind),
+        vae=part("vae", "cogvideox_vae"),
+        text_encoder=part("text_encoder", "t5_encoder"),
+        tokenizer=T5Tokenizer.from_folder(path / "tokenizer"),
+        scheduler=CogVideoXSchedulerConfig.from_diffusers(scheduler),
+        scheduler_class=scheduler.get("_class_name", "CogVideoXDDIMScheduler"),
+        manifest=manifest,
+    )
+
+
+def load_cogvideox(
+    path: str | Path,
+    *,
+    compute: Compute | None = None,
+    param_dtype: str | None = None,
+    sharding: LogicalSharding | None = None,
+) -> CogVideoX:
+    """Load the folder written by `python -m convert cogvideox` (options as for `load_xdyna`)."""
+    return _load_cogvideox_family(
+        path,
+        "cogvideox",
+        "cogvideox_transformer",
+        CogVideoX,
+        compute=compute,
+        param_dtype=param_dtype,
+        sharding=sharding,
+    )
+
+
+def load_dynamictrl(
+    path: str | Path,
+    *,
+    compute: Compute | None = None,
+    param_dtype: str | None = None,
+    sharding: LogicalSharding | None = None,
+) -> DynamiCtrl:
+    """Load the folder written by `python -m convert dynamictrl` (options as for `load_xdyna`).
+
+    Params keep the bundle's dtype (bf16 for the release) unless param_dtype says otherwise.
+    """
+    return _load_cogvideox_family(
+        path,
+        "dynamictrl",
+        "dynamictrl_transformer",
+        DynamiCtrl,
+        compute=compute,
+        param_dtype=param_dtype,
+        sharding=sharding,
+    )
+
+
 # pipeline kind (manifest.json "kind") -> its loader(path, compute=..., param_dtype=...)
-PIPELINE_KINDS: dict[str, Callable[..., object]] = {"xdyna": load_xdyna}
+PIPELINE_KINDS: dict[str, Callable[..., object]] = {
+    "xdyna": load_xdyna,
+    "cogvideox": load_cogvideox,
+    "dynamictrl": load_dynamictrl,
+}
 
 
 def load_pipeline(path: str | Path, *, compute: Compute | None = None, param_dtype: str | None = None):
