@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xdyna_jax.nn.bf16_weights import compiler_options_for, dot_general, weight_after_input
+from xdyna_jax.nn.bf16_weights import compiler_options_for, computed_after, dot_general, weight_after_input
 
 LAYERS, WIDTH = 8, 512
 
@@ -51,3 +51,19 @@ def test_values_unchanged():
     np.testing.assert_array_equal(
         np.asarray(out), np.asarray(lax.dot_general(x, w, (((1,), (0,)), ((), ()))))
     )
+
+
+def test_computed_after_keeps_values_and_passes_the_gradient_through():
+    value = jnp.linspace(-2.0, 3.0, 12, dtype=jnp.float32).reshape(3, 4)
+    anchor = jnp.ones((2, 5), jnp.bfloat16)
+    np.testing.assert_array_equal(computed_after(value, anchor), value)
+    np.testing.assert_array_equal(
+        computed_after(value.astype(jnp.bfloat16), anchor), value.astype(jnp.bfloat16)
+    )
+
+    def loss(v, a):
+        return jnp.sum(jnp.sin(computed_after(v, a)) * v)
+
+    grad_v, grad_a = jax.grad(loss, argnums=(0, 1))(value, anchor.astype(jnp.float32))
+    np.testing.assert_allclose(grad_v, jnp.cos(value) * value + jnp.sin(value), rtol=1e-6)
+    np.testing.assert_array_equal(grad_a, 0.0)  # the edge orders the computation, it carries no gradient

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.models.cogvideox import CogVideoXBlock, CogVideoXConfig, CogVideoXTransformer3DModel
+from xdyna_jax.nn.bf16_weights import computed_after
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import linear
 from xdyna_jax.nn.norms import LayerNorm
@@ -55,6 +56,10 @@ class DynamiCtrlBlock(CogVideoXBlock):
         rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(video, text, control) tokens -> the updated triple."""
+        # The control stream depends only on the pose and the time embedding; unordered, XLA computes every
+        # block's stream up front and holds them all (19.6 GiB of a full-size step's 42 GiB; see
+        # bench/dynamictrl_memory.py). Tie each block's to its video input so one exists at a time.
+        control = computed_after(control, hidden_states)
         c_hat, gate = self.control_norm1(control, temb)
         x, e = super().__call__(hidden_states, encoder_hidden_states, temb, rope, video_norm_addend=c_hat)
         # written as the release does (c_hat + gate * c_hat), which rounds differently from (1 + gate) * c_hat

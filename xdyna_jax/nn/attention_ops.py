@@ -121,7 +121,19 @@ def _blocked(q, k, v, scale, causal, precision, chunk):
         vi = jax.lax.dynamic_slice_in_dim(v, head, 1)
         return _softmax_attention(qi, ki, vi, scale, causal, precision, q_offset=(i % n_chunks) * chunk)
 
-    out = jax.lax.map(one, (ids, qb)).reshape(n, n_chunks * chunk, v.shape[-1])
+    if v.shape[-1] != d or v.dtype != q.dtype:
+        out = jax.lax.map(one, (ids, qb))
+    else:
+        # Each result overwrites its own query block in the loop's carry. `lax.map` would stack the
+        # results in a fresh buffer whose allocation depends on nothing, so XLA:CPU allocates it at the
+        # start of the program: a 42-block DiT then held 41 of those buffers at once (9.8 GiB of a
+        # full-size DynamiCtrl step; bench/dynamictrl_memory.py). The carry exists only once q does.
+        def body(i, blocks):
+            blocks_i = jax.lax.dynamic_index_in_dim(blocks, i, keepdims=False)
+            return jax.lax.dynamic_update_index_in_dim(blocks, one((i, blocks_i)), i, 0)
+
+        out = jax.lax.fori_loop(0, n * n_chunks, body, qb)
+    out = out.reshape(n, n_chunks * chunk, v.shape[-1])
     return out[:, :lq]
 
 

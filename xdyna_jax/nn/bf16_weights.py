@@ -36,6 +36,22 @@ def tied_to(value: jax.Array, anchor: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits | flag, value.dtype)
 
 
+@jax.custom_jvp
+def computed_after(value: jax.Array, anchor: jax.Array) -> jax.Array:
+    """`value` unchanged, but only computable once `anchor` exists, with `value`'s gradient passed straight
+    through (`tied_to` alone has none: its integer ops cut the tangent).
+
+    For a stream that depends on neither the layer's other inputs nor its outputs (DynamiCtrl's pose
+    tokens): without the edge a scheduler may compute every layer's copy of it first and hold them all.
+    """
+    return tied_to(value, anchor)
+
+
+@computed_after.defjvp
+def _computed_after_jvp(primals, tangents):
+    return computed_after(*primals), tangents[0]
+
+
 def _tied(x: jax.Array, weight: jax.Array) -> jax.Array:
     return tied_to(weight, x)
 
