@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint format bench clean
+.PHONY: install test test-slow lint format bench demo-model clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.unet_cpu
+
+# the demo model from scratch on the synthetic world (docs/synthetic.md): demo/xdyna_synthetic/
+demo-model: $(STAMP)
+	$(BIN)/python -m xdyna_jax.training.demo_recipe --out demo/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

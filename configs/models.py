@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from xdyna_jax.models.clip_text import CLIPTextConfig
+from xdyna_jax.models.clip_vision import CLIPVisionConfig
 from xdyna_jax.models.controlnet import ControlNetConfig
+from xdyna_jax.models.resampler import ResamplerConfig
 from xdyna_jax.models.unet import UNetConfig
 from xdyna_jax.models.vae import VAEConfig
 from xdyna_jax.nn.compute import Compute
@@ -14,6 +17,10 @@ _CLASSES = {
     "vae": VAEConfig,
     "controlnet_pose": ControlNetConfig,
     "controlnet_face": ControlNetConfig,
+    # the image-prompt and text encoders (configs/synthetic.py builds every part from its config)
+    "image_encoder": CLIPVisionConfig,
+    "resampler": ResamplerConfig,
+    "text_encoder": CLIPTextConfig,
 }
 
 

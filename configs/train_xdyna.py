@@ -1,6 +1,8 @@
 """X-Dyna training (paper 4.1): which weights train, the objective, the optimizer and the step.
 
-`get_config("stage1")` / `get_config("stage2")`; `training_configs(cfg)` (xdyna_jax/training/sections.py)
+`get_config("stage1")` / `get_config("stage2")`; the small X-Dyna of the synthetic world, trained from scratch
+on a CPU (docs/synthetic.md): `get_config("synthetic_vae")` (its VAE), `get_config("synthetic")` (the
+denoiser: every parameter) and `get_config("synthetic_stage2")` (the S-Face ControlNet). `training_configs(cfg)` (xdyna_jax/training/sections.py)
 turns the sections into the training package's dataclasses (checking the trainable set's name first).
 """
 
@@ -12,7 +14,21 @@ from xdyna_jax.training.sections import optimizer_config, training_configs
 __all__ = ["get_config", "optimizer_config", "training_configs"]
 
 
+# named synthetic-world configs -> (the trainable set they train, the configs/synthetic.py size)
+SYNTHETIC_STAGES = {
+    "synthetic_vae": ("vae", "demo"),
+    "synthetic": ("all", "demo"),
+    "synthetic_stage2": ("stage2", "demo"),
+    # the test size (tests/test_synthetic_training.py)
+    "synthetic_ci_vae": ("vae", "ci"),
+    "synthetic_ci": ("all", "ci"),
+    "synthetic_ci_stage2": ("stage2", "ci"),
+}
+
+
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
+    if stage in SYNTHETIC_STAGES:
+        return synthetic_config(stage)
     cfg = ml_collections.ConfigDict()
     cfg.step = ml_collections.ConfigDict()
     # stage1: Dynamics-Adapter to_q_ff/to_out_ff + pose ControlNet + motion modules; stage2: S-Face
@@ -84,4 +100,50 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.compiler_options = ml_collections.ConfigDict()  # free-form XLA options of the train step
     cfg.debug = ml_collections.ConfigDict()
     cfg.debug.nan_at_step = 0  # > 0: that step's batch is poisoned with NaN (to test the NaN stop)
+    return cfg
+
+
+def synthetic_config(stage: str = "synthetic") -> ml_collections.ConfigDict:
+    """A stage of training configs/synthetic.py's X-Dyna from scratch on a CPU: fp32, no recomputation (the
+    step is small), rates for a fresh model, no flips (the eval reads each limb's palette colour on its
+    own side). The model and tokenizer sections are the variant's, so `python -m
+    xdyna_jax.training.scratch --config configs/train_xdyna.py:synthetic` builds the same model."""
+    from configs import synthetic
+
+    trainable, size = SYNTHETIC_STAGES[stage]
+    cfg = get_config(trainable)
+    model = synthetic.get_config(size)
+    cfg.model = model.model
+    cfg.tokenizer = model.tokenizer
+    cfg.frames, cfg.height, cfg.width = model.frames, model.height, model.width
+    cfg.step.frozen_dtype = "float32"
+    for block in cfg.step.remat:
+        cfg.step.remat[block] = "none"
+    cfg.compute = ml_collections.ConfigDict(dict(dtype="float32", precision="default", attention="xla"))
+    cfg.batch_size = 4
+    cfg.optimizer.learning_rate = 1e-3
+    cfg.optimizer.warmup_steps = 50
+    cfg.optimizer.weight_decay = 0.0
+    cfg.optimizer.decay = "cosine"
+    cfg.optimizer.final_lr_fraction = 0.1
+    cfg.data.flip_prob = 0.0
+    cfg.data.scene_ratio = 0.1
+    cfg.train.steps = 800
+    cfg.train.log_every = 25
+    cfg.train.save_every = 250
+    cfg.train.val_every = 250
+    cfg.train.val_batches = 2
+    cfg.train.sample_every = 0
+    cfg.train.mfu = False
+    if trainable == "vae":
+        # single frames: a window of 1 + 1 frames gives each example two images
+        cfg.frames = 1
+        cfg.batch_size = 4 if size == "demo" else 2
+        cfg.optimizer.learning_rate = 2e-3
+        cfg.train.steps = 500
+    if size == "ci":
+        cfg.batch_size = 2
+    if trainable == "stage2":
+        cfg.optimizer.learning_rate = 5e-4
+        cfg.train.steps = 200
     return cfg

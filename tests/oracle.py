@@ -321,23 +321,18 @@ def _random_xdyna(tmp_path, unet, pose_cn, face_cn, vae, text, vision, resampler
     from xdyna_jax.models.resampler import Resampler
     from xdyna_jax.models.unet import UNet
     from xdyna_jax.models.vae import AutoencoderKL
-    from xdyna_jax.models.xdyna import XDynaDenoiser
-    from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
+    from xdyna_jax.training.scratch import assemble_xdyna
 
-    return XDyna(
-        denoiser=XDynaDenoiser(
-            _random_model(UNet, unet, 0),
-            _random_model(ControlNetModel, pose_cn, 1),
-            _random_model(ControlNetModel, face_cn, 2),
-        ),
-        vae=_random_model(AutoencoderKL, vae, 3),
-        text_encoder=_random_model(CLIPTextModel, text, 4),
-        tokenizer=CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")),
-        image_encoder=_random_model(CLIPVisionModelWithProjection, vision, 5),
-        resampler=_random_model(Resampler, resampler, 6),
-        scheduler=XDYNA_SCHEDULER,
-        manifest={"kind": "xdyna"},
-    )
+    models = {
+        "unet": _random_model(UNet, unet, 0),
+        "controlnet_pose": _random_model(ControlNetModel, pose_cn, 1),
+        "controlnet_face": _random_model(ControlNetModel, face_cn, 2),
+        "vae": _random_model(AutoencoderKL, vae, 3),
+        "text_encoder": _random_model(CLIPTextModel, text, 4),
+        "image_encoder": _random_model(CLIPVisionModelWithProjection, vision, 5),
+        "resampler": _random_model(Resampler, resampler, 6),
+    }
+    return assemble_xdyna(models, CLIPTokenizer.from_folder(write_tokenizer(tmp_path / "tokenizer")))
 
 
 def save_xdyna_folder(parts, folder, *, face=True):

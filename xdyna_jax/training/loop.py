@@ -1,5 +1,6 @@
 """The training run: models from the init bundles, the step compiled ahead, then steps, logs, validation and
-checkpoints until `train.steps`, and an X-Dyna bundle at the end.
+checkpoints until `train.steps`, and an X-Dyna bundle at the end. With the `vae` trainable set the run trains
+the init bundle's VAE alone, on frames, and exports the bundle with the trained VAE (training/vae_stage.py).
 
 Host syncs happen only at log steps, validation steps and saves: there the metrics of the steps since the
 last check are copied to the host and checked for NaN/Inf (loss and gradient norm). A bad value stops the
@@ -36,6 +37,7 @@ from xdyna_jax.training.sections import training_configs
 from xdyna_jax.training.sources import open_source
 from xdyna_jax.training.start import build_models, load_tokenizer, parse_init
 from xdyna_jax.training.step import Trainer, step_key
+from xdyna_jax.training.vae_stage import VAEBatchBuilder, export_vae_bundle, load_vae
 
 log = logging.getLogger("train")
 
@@ -139,31 +141,36 @@ def train(spec: RunSpec) -> int:
 
     # every model restored straight onto its shards: a pod-size model never sits whole on one device
     sharding = LogicalSharding(mesh, rules)
-    built = build_models(init, step_cfg.trainable, Compute(**cfg.compute), int(cfg.seed), sharding)
-    denoiser = built.models.denoiser
-    text = empty_prompt_embedding(built.text_encoder, load_tokenizer(built.tokenizer))
+    vae_stage = step_cfg.trainable == "vae"  # the VAE alone, on frames (training/vae_stage.py)
     layout = Layout(
-        int(cfg.batch_size),
-        int(cfg.frames),
-        int(cfg.height),
-        int(cfg.width),
-        pose=denoiser.pose_controlnet is not None,
-        face=denoiser.face_controlnet is not None,
-    )
-    builder = BatchBuilder(
-        layout,
-        vae=built.vae,
-        image_encoder=built.models.image_encoder,
-        resampler=built.models.resampler,
-        text_embedding=text,
-        mesh=mesh,
-        param_shardings=shard,
-    )
-    trainer = Trainer(denoiser, step_cfg, opt_cfg, obj_cfg)
-    trainable, frozen = trainer.split(denoiser)
-    null_tokens = nnx.jit(  # one program, not an eager op per layer
-        lambda enc, res: TrainingModels(None, enc, res).null_image_tokens()
-    )(built.models.image_encoder, built.models.resampler)
+        int(cfg.batch_size), int(cfg.frames), int(cfg.height), int(cfg.width), pose=False, face=False
+    )  # fmt: skip
+    if vae_stage:
+        built = None
+        model = load_vae(init, Compute(**cfg.compute), sharding)
+        builder = VAEBatchBuilder(layout, mesh)
+        null_tokens = jnp.zeros((1, 1), jnp.float32)  # no image prompt: the state's slot goes unused
+    else:
+        built = build_models(init, step_cfg.trainable, Compute(**cfg.compute), int(cfg.seed), sharding)
+        model = built.models.denoiser
+        text = empty_prompt_embedding(built.text_encoder, load_tokenizer(built.tokenizer))
+        layout = dataclasses.replace(
+            layout, pose=model.pose_controlnet is not None, face=model.face_controlnet is not None
+        )
+        builder = BatchBuilder(
+            layout,
+            vae=built.vae,
+            image_encoder=built.models.image_encoder,
+            resampler=built.models.resampler,
+            text_embedding=text,
+            mesh=mesh,
+            param_shardings=shard,
+        )
+        null_tokens = nnx.jit(  # one program, not an eager op per layer
+            lambda enc, res: TrainingModels(None, enc, res).null_image_tokens()
+        )(built.models.image_encoder, built.models.resampler)
+    trainer = Trainer(model, step_cfg, opt_cfg, obj_cfg)
+    trainable, frozen = trainer.split(model)
     base_key = jax.random.key(int(cfg.seed))
     shapes = jax.eval_shape(trainer.init_state, trainable, frozen, null_tokens, base_key)
     state_sh = trainer.state_shardings(shapes, mesh, shard)
@@ -174,11 +181,13 @@ def train(spec: RunSpec) -> int:
         log.info("resumed from step %d of %s", latest, ckpts.directory)
     else:
         state = jax.jit(trainer.init_state, out_shardings=state_sh)(trainable, frozen, null_tokens, base_key)
-    preview = preview_for_run(  # None unless train.sample_every > 0
-        cfg, data=spec.val_data or spec.data, clips=clips, trainer=trainer, state=state,
-        encoders=builder.encoders(), text_encoder=built.text_encoder, tokenizer=built.tokenizer,
-    )  # fmt: skip
-    del built, denoiser, trainable, frozen  # the state holds what training needs; export rebuilds the rest
+    preview = None
+    if not vae_stage:
+        preview = preview_for_run(  # None unless train.sample_every > 0
+            cfg, data=spec.val_data or spec.data, clips=clips, trainer=trainer, state=state,
+            encoders=builder.encoders(), text_encoder=built.text_encoder, tokenizer=built.tokenizer,
+        )  # fmt: skip
+    del built, model, trainable, frozen  # the state holds what training needs; export rebuilds the rest
     step = int(state.step)
 
     val_batches = []
@@ -192,11 +201,13 @@ def train(spec: RunSpec) -> int:
             val_batches.append(
                 builder(_take(val_source, builder.local_batch), jax.random.fold_in(val_key, i))
             )
-    val_loss = jax.jit(trainer.loss)
+    options = {k: v for k, v in cfg.compiler_options.to_dict().items()}
+    val_loss = jax.jit(trainer.loss, compiler_options=options or None)  # the step's XLA options here too
 
     key = step_key(state)
     batch = builder(_take(source, builder.local_batch), jax.random.fold_in(key, _BATCH_TAG))
-    options = {k: v for k, v in cfg.compiler_options.to_dict().items()}
+    # the VAE stage's export measures the latents' scale on these frames (training/vae_stage.py)
+    calibration = [_host(b["images"]) for b in (batch, *val_batches)] if vae_stage else []
     compiled = trainer.compile(
         shapes,
         batch,
@@ -211,7 +222,7 @@ def train(spec: RunSpec) -> int:
         output / TENSORBOARD,
         start=step,
         total=total,
-        frames_per_step=layout.global_batch * layout.frames,
+        frames_per_step=layout.global_batch * (layout.frames + int(vae_stage)),  # a VAE reads every frame
         flops_per_step=flops,
         devices=list(mesh.devices.flat),
     )
@@ -260,7 +271,12 @@ def train(spec: RunSpec) -> int:
         ema = bool(cfg.train.export_ema) and state.ema is not None
         weights = _host(state.ema if ema else state.trainable)
         if pid == 0:
-            path = export_bundle(weights, record, output / BUNDLE, step=step, ema=ema, overwrite=True)
+            if vae_stage:
+                path = export_vae_bundle(
+                    weights, record, output / BUNDLE, step=step, ema=ema, images=calibration, overwrite=True
+                )
+            else:
+                path = export_bundle(weights, record, output / BUNDLE, step=step, ema=ema, overwrite=True)
             log.info("wrote the %s weights of step %d as %s", "EMA" if ema else "trained", step, path)
         if nproc > 1:
             multihost_utils.sync_global_devices("export")

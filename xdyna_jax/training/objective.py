@@ -10,6 +10,16 @@ The reference frame 0 stays clean (the sampler never noises it either) and is le
 only ever reads it. For classifier-free guidance the unconditional signal is the IP-Adapter tokens of an
 all-zero normalised image (what the sampler's uncond half uses), so each example's image tokens are replaced
 by those with probability `image_dropout`, drawn from the step's key.
+
+A VAE trained from scratch (the `vae` trainable set) has its own objective, `vae_loss`: frames (B, F, H, W, 3)
+in [-1, 1] are encoded, one latent drawn from each posterior with the step's key, decoded, and
+
+    loss = mean |x_hat - x| + vae_kl_weight * mean KL(N(mu, sigma^2) || N(0, 1))
+
+with both means per element (pixels, latent entries). L1 rather than MSE keeps edges sharper (the
+reconstruction term of SD's autoencoder, without its perceptual and adversarial terms, which need
+pretrained networks); the small KL weight only keeps the latents from drifting far from unit scale, the
+diffusion model reads them through the scaling factor measured after training (training/vae_stage.py).
 """
 
 from __future__ import annotations
@@ -20,8 +30,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xdyna_jax.models.vae import sample_latent
 from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER
 from xdyna_jax.schedulers import DDIMScheduler
+
+VAE_RECONSTRUCTIONS = ("l1", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +46,19 @@ class ObjectiveConfig:
     # IP-Adapter's own training drops the image prompt (to a zero image) for 5 % of examples; the X-Dyna
     # release ships no training code, so its rate is unknown.
     image_dropout: float = 0.05
+    # the VAE stage (vae_loss): reconstruction "l1" | "mse" and the weight of the per-element KL term
+    vae_reconstruction: str = "l1"
+    vae_kl_weight: float = 1e-4
 
     def __post_init__(self):
         if not 0.0 <= self.image_dropout <= 1.0:
             raise ValueError(f"objective.image_dropout must be in [0, 1], got {self.image_dropout}")
+        if self.vae_reconstruction not in VAE_RECONSTRUCTIONS:
+            raise ValueError(
+                f"objective.vae_reconstruction must be one of {VAE_RECONSTRUCTIONS}, got {self.vae_reconstruction!r}"
+            )
+        if self.vae_kl_weight < 0:
+            raise ValueError(f"objective.vae_kl_weight must be >= 0, got {self.vae_kl_weight}")
 
     def alphas_cumprod(self) -> jax.Array:
         """(T,) float32 alpha_bar of the schedule (the DDIM sampler's own table, so both agree)."""
@@ -80,8 +102,15 @@ def drop_image_tokens(image_tokens: jax.Array, null_tokens: jax.Array, drop: jax
     return jnp.where(drop[:, None, None], null, image_tokens)
 
 
+def batch_size(batch: dict) -> int:
+    """Examples in a training batch (a denoiser's latents windows or a VAE's frames)."""
+    return batch["images" if "images" in batch and "latents" not in batch else "latents"].shape[0]
+
+
 def check_batch(batch: dict) -> None:
     """One clear error for a batch the step cannot use (run on shapes before compiling)."""
+    if "images" in batch and "latents" not in batch:
+        return check_vae_batch(batch)
     for key in ("latents", "text", "image_tokens"):
         if key not in batch:
             raise ValueError(f"training batch has no {key!r} (it has {sorted(batch)})")
@@ -116,3 +145,31 @@ def diffusion_loss(denoiser, batch: dict, null_tokens: jax.Array, draws: Draws, 
     context = jnp.concatenate([batch["text"], image.astype(batch["text"].dtype)], axis=1)
     eps = denoiser(window, draws.timesteps, context, batch.get("pose"), batch.get("face"))
     return jnp.mean(jnp.square(eps[:, 1:].astype(jnp.float32) - draws.noise))
+
+
+def check_vae_batch(batch: dict) -> None:
+    """One clear error for a VAE stage's batch: images (B, F, H, W, 3), H and W multiples of 8."""
+    images = batch.get("images")
+    if images is None or len(images.shape) != 5 or images.shape[-1] != 3:
+        shape = None if images is None else tuple(images.shape)
+        raise ValueError(f"a VAE batch needs images (B, F, H, W, 3) in [-1, 1], got {shape}")
+
+
+def vae_loss(vae, batch: dict, key: jax.Array, cfg: ObjectiveConfig) -> jax.Array:
+    """Reconstruction + KL of `batch["images"]` through `vae` (see the module docstring), float32 scalar."""
+    images = batch["images"]
+    x = images.reshape(-1, *images.shape[-3:]).astype(jnp.float32)
+    mean, logvar = vae.encode(x)
+    recon = vae.decode(sample_latent(mean, logvar, key))
+    error = recon - x
+    rec = jnp.mean(jnp.abs(error)) if cfg.vae_reconstruction == "l1" else jnp.mean(jnp.square(error))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return rec + cfg.vae_kl_weight * kl
+
+
+def training_loss(model, batch: dict, null_tokens, key: jax.Array, cfg: ObjectiveConfig, alphas_cumprod):
+    """The objective of `model`'s kind: `vae_loss` for a VAE, else `diffusion_loss` with draws from `key`."""
+    if type(model).__name__ == "AutoencoderKL":
+        return vae_loss(model, batch, key, cfg)
+    draws = draw(key, batch["latents"].shape, cfg)
+    return diffusion_loss(model, batch, null_tokens, draws, alphas_cumprod)

@@ -28,7 +28,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from xdyna_jax.sharding import Rules, activate, along, make_mesh, replicated
-from xdyna_jax.training.objective import ObjectiveConfig, check_batch, diffusion_loss, draw
+from xdyna_jax.training.objective import ObjectiveConfig, batch_size, check_batch, training_loss
 from xdyna_jax.training.optimizer import OptimizerConfig, ema_update, learning_rate, make_optimizer
 from xdyna_jax.training.remat import apply_remat, check_remat
 from xdyna_jax.training.trainable import check_trainable_set, trainable_filter
@@ -134,9 +134,8 @@ class Trainer:
         return self._loss(state.trainable, state.frozen, state.null_image_tokens, batch, key)
 
     def _loss(self, trainable, frozen, null_tokens, batch, key):
-        denoiser = nnx.merge(self.graphdef, trainable, frozen)
-        draws = draw(key, batch["latents"].shape, self.objective)
-        return diffusion_loss(denoiser, batch, null_tokens, draws, self.alphas_cumprod)
+        model = nnx.merge(self.graphdef, trainable, frozen)  # a denoiser, or a VAE (the vae set)
+        return training_loss(model, batch, null_tokens, key, self.objective, self.alphas_cumprod)
 
     def _loss_and_grads(self, state: TrainState, batch: dict, key: jax.Array):
         grad_fn = jax.value_and_grad(self._loss)
@@ -222,7 +221,7 @@ class Trainer:
         same numbers, half the compile time).
         """
         check_batch(batch)
-        b, k = batch["latents"].shape[0], self.config.grad_accum_steps
+        b, k = batch_size(batch), self.config.grad_accum_steps
         if b % k:
             raise ValueError(f"batch of {b} examples does not split into grad_accum_steps={k} micro-batches")
         mesh = make_mesh() if mesh is None else mesh
