@@ -1,4 +1,5 @@
-"""Animate a reference photo with a driving pose (and face) sequence: the X-Dyna sampler's command line.
+"""Animate a reference photo with a driving pose (and face) sequence: the X-Dyna and DynamiCtrl samplers'
+command line. The bundle's manifest says which pipeline runs; flags the other pipeline alone reads are refused.
 
     python sample.py --model bundles/xdyna --reference me.png --pose dance_pose.mp4 --out me_dance.mp4
     python sample.py --model bundles/xdyna --reference me.png --pose keypoints/ --stride 2 --frames 48 \\
@@ -21,6 +22,15 @@ records none).
 Every input is checked before anything is compiled: a bad one stops the run with one `error: ...` line on
 stderr and exit status 2, and nothing is written. Videos appear atomically (a failed run leaves no file).
 JAX's persistent compilation cache is on by default, so a second run of the same shapes skips compiling.
+
+DynamiCtrl bundles (`python -m convert dynamictrl`) take a text prompt and the same pose sources; the pose
+is retargeted onto the reference and drawn as the release draws it (xdyna_jax/sampling/dynamictrl_cli.py):
+
+    python sample.py --model bundles/dynamictrl --reference me.png --pose dance.mp4 \\
+        --dwpose yolox_l.onnx dw-ll_ucoco_384.onnx --prompt "a woman in a red dress dances" --out me_dance.mp4
+
+Their defaults follow the release: guidance 3.0, 1360x768, bf16, 16 fps when the source records none, and
+`--frames` counts the output frames with frame 0 the reference's pose.
 """
 
 from __future__ import annotations
@@ -40,6 +50,11 @@ log = logging.getLogger("sample")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # The release saves at 15 fps whatever the driving video's rate; we use it when the source records none.
 DEFAULT_FPS = 15.0
+# Options whose defaults depend on the pipeline (the DynamiCtrl ones live in sampling/dynamictrl_cli.py).
+XDYNA_DEFAULTS = dict(guidance=7.5, height=896, width=512, dtype="fp32")
+# flags only DynamiCtrl reads
+DYNAMICTRL_ONLY = ("prompt", "negative_prompt", "reference_mask")
+SAMPLED_KINDS = ("xdyna", "dynamictrl")
 # The release's context windows.
 WINDOW, OVERLAP = 16, 4
 
@@ -50,9 +65,11 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Animate a reference image with a driving pose (and face) sequence (X-Dyna)."
+        description="Animate a reference image with a driving pose (and face) sequence (X-Dyna, DynamiCtrl)."
     )
-    p.add_argument("--model", required=True, help="pipeline bundle folder (python -m convert xdyna)")
+    p.add_argument(
+        "--model", required=True, help="pipeline bundle folder (python -m convert xdyna / dynamictrl)"
+    )
     p.add_argument("--reference", required=True, help="reference photo (any image format imageio reads)")
     p.add_argument(
         "--pose",
@@ -69,25 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--align-pose", action="store_true", help="align the driving pose to the reference person's body"
     )
     p.add_argument(
-        "--reference-pose", help="the reference's keypoints for --align-pose: OpenPose .json or 1-frame .npy"
+        "--reference-pose",
+        help="the reference's keypoints (X-Dyna: for --align-pose; DynamiCtrl: to retarget keypoints onto): "
+        "OpenPose .json or 1-frame .npy, in the photo's pixels",
     )
     p.add_argument(
         "--align-method", choices=("limbs", "global"), help="--align-pose: per-limb (default) or one scale"
     )
     p.add_argument("--face", help="driving video for the S-Face maps (needs a controlnet_face/ bundle)")
     p.add_argument("--landmarks", help="(T, 68, 2) .npy face landmarks per driving frame of --face")
+    p.add_argument("--prompt", help="DynamiCtrl (required): what the video shows")
+    p.add_argument("--negative-prompt", help="DynamiCtrl: the unconditional prompt (default empty)")
+    p.add_argument(
+        "--reference-mask",
+        help="DynamiCtrl Mask variants: image of the reference's size; pixels not bright (> 200) are blacked out",
+    )
     p.add_argument("--out", required=True, help="output mp4")
-    p.add_argument("--grid", help="also write pose | face maps | result side by side to this mp4")
+    p.add_argument("--grid", help="also write pose | (face maps |) result side by side to this mp4")
     p.add_argument("--frames-dir", help="also write the result frames as PNGs into this new folder")
-    p.add_argument("--frames", type=int, help="driven frames (default: every driving frame at the stride)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        help="frames to make (default: every driving frame at the stride; DynamiCtrl: frame 0 is the "
+        "reference's pose, then the driving frames)",
+    )
     p.add_argument("--stride", type=int, default=1, help="use every S-th driving frame (default 1)")
-    p.add_argument("--fps", type=float, help="output fps (default: the source's fps / stride, else 15)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument(
+        "--fps", type=float, help="output fps (default: the source's fps / stride, else 15; DynamiCtrl 16)"
+    )
+    p.add_argument("--steps", type=int, default=25, help="DDIM / DPM steps (default 25)")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (X-Dyna 7.5, DynamiCtrl 3.0)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    p.add_argument("--height", type=int, default=896)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--height", type=int, help="output height (X-Dyna 896, DynamiCtrl 1360)")
+    p.add_argument("--width", type=int, help="output width (X-Dyna 512, DynamiCtrl 768)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (X-Dyna fp32, DynamiCtrl bf16)")
     p.add_argument(
         "--window-batch", type=int, help="context windows per compiled call (default: the device count)"
     )
@@ -117,6 +151,45 @@ def configure_compile_cache(directory: str | Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def _given(args, flag: str) -> bool:
+    value = getattr(args, flag)
+    return value is not None and value is not False
+
+
+def resolve_kind(args) -> str:
+    """The --model bundle's pipeline kind, from its manifest; fills that kind's defaults into `args` and
+    refuses the flags only the other kind reads. Idempotent (the kind is kept on `args`)."""
+    from xdyna_jax.bundle import BundleError
+    from xdyna_jax.sampling import dynamictrl_cli
+    from xdyna_jax.sampling.bundles import read_manifest
+
+    if getattr(args, "kind", None):
+        return args.kind
+    if not Path(args.model).exists():
+        raise UsageError(f"--model {args.model}: no such file or folder")
+    try:
+        kind = read_manifest(args.model)["kind"]
+    except BundleError as e:
+        raise UsageError(str(e)) from e
+    if kind not in SAMPLED_KINDS:
+        kinds = " and ".join(map(repr, SAMPLED_KINDS))
+        raise UsageError(f"--model {args.model} is a {kind!r} pipeline; sample.py samples {kinds} pipelines")
+    if kind == "xdyna":
+        foreign, owner, this = DYNAMICTRL_ONLY, "a DynamiCtrl", "an X-Dyna"
+    else:
+        foreign, owner, this = dynamictrl_cli.XDYNA_ONLY, "an X-Dyna", "a DynamiCtrl"
+    for flag in filter(lambda f: _given(args, f), foreign):
+        raise UsageError(
+            f"--{flag.replace('_', '-')} is {owner} option, but --model {args.model} is {this} pipeline"
+        )
+    defaults = XDYNA_DEFAULTS if kind == "xdyna" else dynamictrl_cli.DEFAULTS
+    for flag, value in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.kind = kind
+    return kind
+
+
 def _check_options(args) -> None:
     """Checks that need no file: cheap, so they come first."""
     positive = {"--stride": args.stride, "--steps": args.steps}
@@ -135,11 +208,12 @@ def _check_options(args) -> None:
         raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
     if args.landmarks and not args.face:
         raise UsageError("--landmarks gives the landmarks of the --face video: pass --face too")
-    for flag in ("model", "reference", "pose", "face", "landmarks", "reference_pose"):
+    for flag in ("model", "reference", "pose", "face", "landmarks", "reference_pose", "reference_mask"):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
-    _check_pose_options(args)
+    if args.kind == "xdyna":
+        _check_pose_options(args)
     out = Path(args.out)
     if out.suffix.lower() != ".mp4" or (args.grid and Path(args.grid).suffix.lower() != ".mp4"):
         raise UsageError("--out and --grid must name .mp4 files")
@@ -191,12 +265,7 @@ def _pose_extractor(args):
 
 
 def _check_bundle_folders(args) -> None:
-    """The pipeline kind and the parts the options need, from the folder alone (before loading weights)."""
-    from xdyna_jax.sampling.bundles import read_manifest
-
-    kind = read_manifest(args.model)["kind"]
-    if kind != "xdyna":
-        raise UsageError(f"--model {args.model} is a {kind!r} pipeline; sample.py samples 'xdyna' pipelines")
+    """The parts the options need, from the folder alone (before loading weights)."""
     if args.face and not (Path(args.model) / "controlnet_face").is_dir():
         raise UsageError(
             f"--face needs an S-Face ControlNet, but {args.model} has no controlnet_face/ bundle"
@@ -226,6 +295,7 @@ def prepare(args):
     from xdyna_jax.io.video import MediaError, read_image, video_fps
 
     try:
+        resolve_kind(args)
         _check_options(args)
         _check_bundle_folders(args)
         height, width = args.height, args.width
@@ -318,14 +388,50 @@ def grid_frames(poses, local, glob, result) -> np.ndarray:
     return np.concatenate([*columns, result], axis=2)
 
 
+def write_outputs(args, frames: np.ndarray, grid: np.ndarray | None, fps: float) -> None:
+    """--out, then --grid and --frames-dir, each appearing whole or not at all."""
+    from xdyna_jax.io.video import write_frames, write_video
+
+    write_video(args.out, frames, fps=fps)
+    log.info("wrote %s (seed %d)", args.out, args.seed)
+    if args.grid:
+        write_video(args.grid, grid, fps=fps)
+        log.info("wrote %s", args.grid)
+    if args.frames_dir:
+        write_frames(args.frames_dir, frames)
+        log.info("wrote %d frames to %s", len(frames), args.frames_dir)
+
+
+def run_dynamictrl(args) -> int:
+    """A DynamiCtrl bundle: its inputs (sampling/dynamictrl_cli.py), the run, pose | result as the grid."""
+    from xdyna_jax.bundle import BundleError
+    from xdyna_jax.io.video import MediaError
+    from xdyna_jax.sampling import dynamictrl_cli
+
+    try:
+        try:
+            _check_options(args)
+            inputs = dynamictrl_cli.prepare(args)
+        except (dynamictrl_cli.InputError, MediaError, BundleError) as e:
+            raise UsageError(str(e)) from e
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    frames = dynamictrl_cli.sample(args, inputs)
+    grid = np.concatenate([inputs.poses[: len(frames)], frames], axis=2) if args.grid else None
+    write_outputs(args, frames, grid, inputs.fps)
+    return 0
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
     from xdyna_jax.conditioning.face import face_condition
-    from xdyna_jax.io.video import write_frames, write_video
     from xdyna_jax.sampling.xdyna import num_window_calls
 
     try:
+        if resolve_kind(args) == "dynamictrl":
+            return run_dynamictrl(args)
         pipe, reference, poses, local, glob, fps = prepare(args)
         mesh, window_batch = _mesh_and_batch(args)
     except UsageError as e:
@@ -346,14 +452,8 @@ def run(args) -> int:
             window_batch=window_batch, mesh=mesh, progress=bar.update,
         )  # fmt: skip
     log.info("sampled in %.1f s", time.perf_counter() - start)
-    write_video(args.out, frames, fps=fps)
-    log.info("wrote %s (seed %d)", args.out, args.seed)
-    if args.grid:
-        write_video(args.grid, grid_frames(poses, local, glob, frames), fps=fps)
-        log.info("wrote %s", args.grid)
-    if args.frames_dir:
-        write_frames(args.frames_dir, frames)
-        log.info("wrote %d frames to %s", len(frames), args.frames_dir)
+    grid = grid_frames(poses, local, glob, frames) if args.grid else None
+    write_outputs(args, frames, grid, fps)
     return 0
 
 
