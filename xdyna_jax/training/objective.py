@@ -33,6 +33,12 @@ import jax.numpy as jnp
 from xdyna_jax.models.vae import sample_latent
 from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER
 from xdyna_jax.schedulers import DDIMScheduler
+from xdyna_jax.training.dynamictrl_objective import (
+    DynamiCtrlObjectiveConfig,
+    check_dynamictrl_batch,
+    draw_dynamictrl,
+    dynamictrl_loss,
+)
 
 VAE_RECONSTRUCTIONS = ("l1", "mse")
 
@@ -111,6 +117,8 @@ def check_batch(batch: dict) -> None:
     """One clear error for a batch the step cannot use (run on shapes before compiling)."""
     if "images" in batch and "latents" not in batch:
         return check_vae_batch(batch)
+    if "pose_latents" in batch:
+        return check_dynamictrl_batch(batch)
     for key in ("latents", "text", "image_tokens"):
         if key not in batch:
             raise ValueError(f"training batch has no {key!r} (it has {sorted(batch)})")
@@ -168,8 +176,16 @@ def vae_loss(vae, batch: dict, key: jax.Array, cfg: ObjectiveConfig) -> jax.Arra
 
 
 def training_loss(model, batch: dict, null_tokens, key: jax.Array, cfg: ObjectiveConfig, alphas_cumprod):
-    """The objective of `model`'s kind: `vae_loss` for a VAE, else `diffusion_loss` with draws from `key`."""
+    """The objective of `model`'s kind: `vae_loss` for a VAE, the SFT loss for a DynamiCtrl transformer
+    (cfg a DynamiCtrlObjectiveConfig; see training/dynamictrl_objective.py), else `diffusion_loss`; draws
+    from `key`."""
     if type(model).__name__ == "AutoencoderKL":
         return vae_loss(model, batch, key, cfg)
+    if type(model).__name__ == "DynamiCtrlTransformerModel":
+        if not isinstance(cfg, DynamiCtrlObjectiveConfig):
+            raise TypeError(
+                f"a DynamiCtrl transformer trains with a DynamiCtrlObjectiveConfig, got {type(cfg).__name__}"
+            )
+        return dynamictrl_loss(model, batch, draw_dynamictrl(key, batch["latents"].shape, cfg), cfg)
     draws = draw(key, batch["latents"].shape, cfg)
     return diffusion_loss(model, batch, null_tokens, draws, alphas_cumprod)

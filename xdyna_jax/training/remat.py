@@ -11,7 +11,8 @@ and with it the compiled memory analysis that sizes TPU jobs.
 
 Targets are the UNet / ControlNet blocks (`down_blocks`, `mid_block`, `up_blocks`) and, finer, the layers
 inside them (`resnets`, `attentions` (the spatial transformers), `motion_modules`), and the ControlNets'
-`controlnet_cond_embedding` (a conv stack at the condition's full resolution, 896x512). Policies nest: a block
+`controlnet_cond_embedding` (a conv stack at the condition's full resolution, 896x512), and the DiT blocks
+of CogVideoX / DynamiCtrl (`transformer_blocks`, each block one target). Policies nest: a block
 under "full" whose layers are also "full" keeps only the layers' inputs while its backward pass runs, so one
 layer's activations are live at a time; layers under "full" inside blocks under "none" is the usual
 per-layer checkpointing (every layer input kept, each layer recomputed once). At 896x512 x 17 frames a
@@ -31,7 +32,9 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 
+from xdyna_jax.models.cogvideox import CogVideoXBlock
 from xdyna_jax.models.controlnet import ControlNetConditioningEmbedding
+from xdyna_jax.models.dynamictrl import DynamiCtrlBlock
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from xdyna_jax.nn.motion import VanillaTemporalModule
 from xdyna_jax.nn.recompute import recompute_in_backward
@@ -53,7 +56,13 @@ BLOCKS = {
     "attentions": Transformer2DModel,
     "motion_modules": VanillaTemporalModule,
     "controlnet_cond_embedding": ControlNetConditioningEmbedding,
+    # the DiT blocks of CogVideoX and DynamiCtrl (a DynamiCtrlBlock is a CogVideoXBlock: one target)
+    "transformer_blocks": CogVideoXBlock,
 }
+# Classes a checkpointed subclass derives from: a node's first one in its MRO. DynamiCtrlBlock is listed so
+# its blocks get a subclass of DynamiCtrlBlock, not of its CogVideoXBlock base (which would drop the
+# control stream).
+_ROOTS = (*BLOCKS.values(), DynamiCtrlBlock)
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
@@ -106,7 +115,7 @@ def apply_remat(model: nnx.Module, policies: Mapping[str, str]) -> nnx.Module:
     for _, node in nnx.iter_graph(model):
         for block, base in BLOCKS.items():
             if isinstance(node, base):
-                root = next(c for c in type(node).__mro__ if c in BLOCKS.values())
+                root = next(c for c in type(node).__mro__ if c in _ROOTS)
                 name = policies.get(block, "none")
                 node.__class__ = root if name == "none" else _subclass(root, name)
     return model

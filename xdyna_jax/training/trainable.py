@@ -13,6 +13,9 @@ so a set names exactly what a converted checkpoint calls those weights.
     vae     a VAE (AutoencoderKL) trained on its own, from scratch: all of its parameters. An X-Dyna
             denoiser never trains its VAE (latents are computed outside it), so naming this set for a
             denoiser is an error, as is naming a denoiser's set for a VAE.
+    transformer  DynamiCtrl's (or CogVideoX's) whole DiT, as the release fine-tunes it, except the learned
+            position table `patch_embed.pos_embedding` of 1.0-style configs: diffusers holds it as a buffer,
+            so no PyTorch run ever updates it. VAE and T5 stay outside the model (precomputed latents).
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ def _everything(path: tuple) -> bool:
     return True
 
 
+def _dit(path: tuple) -> bool:
+    return path[-1] != "pos_embedding"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainableSet:
     description: str
-    model_kind: str | None  # "denoiser" | "vae" | None (any model)
+    model_kind: str | None  # "denoiser" | "vae" | "dit" | None (any model)
     selects: Callable[[tuple], bool]
 
 
@@ -55,6 +62,9 @@ TRAINABLE_SETS: dict[str, TrainableSet] = {
     "stage2": TrainableSet("S-Face ControlNet only", "denoiser", _stage2),
     "all": TrainableSet("every parameter (training from scratch)", None, _everything),
     "vae": TrainableSet("every parameter of a VAE trained from scratch", "vae", _everything),
+    "transformer": TrainableSet(
+        "the whole DynamiCtrl / CogVideoX transformer but its learned position table", "dit", _dit
+    ),
 }
 
 
@@ -72,9 +82,16 @@ def check_trainable_set(name: str) -> TrainableSet:
 
 
 def model_kind(model: nnx.Module) -> str:
-    """'denoiser' for an XDynaDenoiser, 'vae' for an AutoencoderKL, else the class name."""
+    """'denoiser' for an XDynaDenoiser, 'vae' for an AutoencoderKL, 'dit' for a DynamiCtrl / CogVideoX
+    transformer, else the class name."""
     name = type(model).__name__
-    return {"XDynaDenoiser": "denoiser", "AutoencoderKL": "vae"}.get(name, name)
+    kinds = {
+        "XDynaDenoiser": "denoiser",
+        "AutoencoderKL": "vae",
+        "DynamiCtrlTransformerModel": "dit",
+        "CogVideoXTransformer3DModel": "dit",
+    }
+    return kinds.get(name, name)
 
 
 def trainable_filter(name: str, model: nnx.Module):
