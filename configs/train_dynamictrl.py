@@ -22,7 +22,7 @@ __all__ = ["get_config", "training_configs"]
 
 VARIANTS = ("release", "tiny")
 
-# diffusers kwargs of the tiny transformer (tests/oracle_cogvideox.py's TINY_COGVIDEOX_15): latents of
+# diffusers kwargs of the tiny transformer (the tests' TINY_COGVIDEOX_15 too): latents of
 # (F', h, w) = (2, 8, 8) make 1 x 4 x 4 video tokens
 TINY_TRANSFORMER = dict(
     num_attention_heads=2,

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from oracle import perturb_, torch_state
 
+from configs.train_dynamictrl import TINY_TRANSFORMER
 from convert.state import load_torch_state
 from xdyna_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3DModel
 from xdyna_jax.nn.compute import Compute
@@ -18,26 +19,7 @@ from xdyna_jax.nn.shape_only import shape_only_model
 
 # diffusers kwargs. 1.5 style (CogVideoX1.5-5B-I2V / DynamiCtrl): 3-D patches, "slice" RoPE, ofs embedding.
 # Head width 16 splits the RoPE channels 4 / 6 / 6; inputs (B, 2, 8, 8, 8) make 1 x 4 x 4 video tokens.
-TINY_COGVIDEOX_15 = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=8,
-    out_channels=4,
-    time_embed_dim=16,
-    ofs_embed_dim=16,
-    text_embed_dim=32,
-    num_layers=2,
-    sample_height=8,
-    sample_width=8,
-    sample_frames=9,
-    patch_size=2,
-    patch_size_t=2,
-    patch_bias=False,
-    temporal_compression_ratio=4,
-    max_text_seq_length=8,
-    use_rotary_positional_embeddings=True,
-    use_learned_positional_embeddings=False,
-)
+TINY_COGVIDEOX_15 = dict(TINY_TRANSFORMER)  # the tiny DynamiCtrl config of configs/train_dynamictrl.py
 # 1.0 I2V style (CogVideoX-5b-I2V): 2-D conv patches, "linspace" RoPE, a learned [text ; video] position
 # table, no ofs. Learned positions need the sample size: latents (B, 3, 8, 8, 8) (9 frames -> 3 latent).
 TINY_COGVIDEOX_10_I2V = dict(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -115,3 +116,45 @@ def spaced_timesteps(
             f" >= num_train_timesteps={t}."
         )
     return steps
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_schedule_fields(config: Any, prediction_types: Sequence[str]) -> None:
+    """The fields every diffusers-style scheduler config shares (the training schedule, spacing, offsets,
+    flags): one `ValueError` naming the config class, the field, its value and what was expected."""
+
+    def fail(name: str, expected: str) -> None:
+        value = getattr(config, name)
+        raise ValueError(f"{type(config).__name__}.{name}={value!r} is invalid: expected {expected}.")
+
+    if not is_int(config.num_train_timesteps) or config.num_train_timesteps < 1:
+        fail("num_train_timesteps", "a positive int")
+    if config.beta_schedule not in BETA_SCHEDULES:
+        fail("beta_schedule", f"one of {BETA_SCHEDULES}")
+    if config.timestep_spacing not in TIMESTEP_SPACINGS:
+        fail("timestep_spacing", f"one of {TIMESTEP_SPACINGS}")
+    if config.prediction_type not in prediction_types:
+        fail("prediction_type", f"one of {tuple(prediction_types)}")
+    if not is_int(config.steps_offset) or config.steps_offset < 0:
+        fail("steps_offset", "a non-negative int")
+    for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):
+        if not isinstance(getattr(config, name), (bool, np.bool_)):
+            fail(name, "a bool")
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas)
+        if betas.shape != (config.num_train_timesteps,) or not np.all((betas > 0) & (betas < 1)):
+            fail("trained_betas", f"{config.num_train_timesteps} values in (0, 1)")
+    else:
+        for name in ("beta_start", "beta_end"):
+            value = getattr(config, name)
+            if not is_real(value) or not 0 <= value < 1:
+                fail(name, "a number in [0, 1)")
+        if config.beta_start > config.beta_end:
+            fail("beta_start", f"a value <= beta_end={config.beta_end}")

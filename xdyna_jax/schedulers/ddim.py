@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from xdyna_jax.schedulers.betas import (
-    BETA_SCHEDULES,
-    TIMESTEP_SPACINGS,
     betas_from_alphas_cumprod,
     check_num_inference_steps,
+    check_schedule_fields,
+    is_real,
     make_betas,
     rescale_zero_terminal_snr,
     spaced_timesteps,
@@ -63,41 +63,11 @@ class DDIMConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def fail(name: str, expected: str) -> None:
-            raise ValueError(f"DDIMConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}.")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        def is_real(value: Any) -> bool:
-            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-        if not is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
-            fail("num_train_timesteps", "a positive int")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            fail("beta_schedule", f"one of {BETA_SCHEDULES}")
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            fail("timestep_spacing", f"one of {TIMESTEP_SPACINGS}")
-        if self.prediction_type not in _PREDICTION_TYPES:
-            fail("prediction_type", f"one of {_PREDICTION_TYPES}")
-        if not is_int(self.steps_offset) or self.steps_offset < 0:
-            fail("steps_offset", "a non-negative int")
-        for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                fail(name, "a bool")
+        check_schedule_fields(self, _PREDICTION_TYPES)
         if not is_real(self.clip_sample_range) or not self.clip_sample_range > 0:
-            fail("clip_sample_range", "a positive number")
-        if self.trained_betas is not None:
-            betas = np.asarray(self.trained_betas)
-            if betas.shape != (self.num_train_timesteps,) or not np.all((betas > 0) & (betas < 1)):
-                fail("trained_betas", f"{self.num_train_timesteps} values in (0, 1)")
-        else:
-            for name in ("beta_start", "beta_end"):
-                value = getattr(self, name)
-                if not is_real(value) or not 0 <= value < 1:
-                    fail(name, "a number in [0, 1)")
-            if self.beta_start > self.beta_end:
-                fail("beta_start", f"a value <= beta_end={self.beta_end}")
+            raise ValueError(
+                f"DDIMConfig.clip_sample_range={self.clip_sample_range!r} is invalid: expected a positive number."
+            )
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> DDIMConfig:
