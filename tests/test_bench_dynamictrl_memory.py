@@ -11,6 +11,9 @@ import pytest
 
 from bench import dynamictrl_memory as bench
 
+# one full compile of a 6-block step (6-11 s here): with the slow checks (make test-slow)
+pytestmark = pytest.mark.slow
+
 SIZE = bench.Size(frames=5, height=512, width=512, text=8)  # latent 2 x 64 x 64: 1024 video + 8 text tokens
 LAYERS, CHUNK = 6, 64
 # One float32 activation of the CFG batch: 2 x (1024 + 8) tokens x 32 channels.

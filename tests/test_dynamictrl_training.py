@@ -222,6 +222,7 @@ def _flat(state) -> dict:
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.slow  # 25 s here: run with make test-slow until the DynamiCtrl training tests get their budget back
 def test_fsdp_sharded_remat_step_equals_the_single_device_step():
     """8 devices (data 2 x fsdp 4): params and Adam moments placed by the config's rules, the batch over
     data x fsdp, every DiT block under full remat == 1 device without remat, fp32."""

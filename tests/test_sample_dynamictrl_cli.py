@@ -129,9 +129,7 @@ def test_keypoints_are_retargeted_after_the_references_pose(files, tmp_path):
     expected = dynamictrl_pose_video(reference, read_keypoints_npy(files / "kps.npy"), H, W, 13)
     np.testing.assert_array_equal(inputs.poses, expected)
     assert inputs.fps == 16.0  # keypoints record no frame rate: the release's export default
-    assert sample.main(argv(files, tmp_path / "o.mp4", *kps, "--frames", "13")) == 0
-    video, fps = read_video(tmp_path / "o.mp4")
-    assert video.shape == (13, H, W, 3) and fps == pytest.approx(16.0)
+    # (the pipeline at 13 frames runs in tests/test_dynamictrl_pipeline.py; a CLI run here would only compile again)
 
 
 def test_dwpose_finds_the_reference_in_the_cropped_photo_and_the_driving_pose_in_raw_frames(

@@ -235,6 +235,7 @@ def test_frame_counts_match_diffusers():
     assert release.encoded_num_frames(37) == 10 and release.decoded_num_frames(10) == 40
 
 
+@pytest.mark.slow  # compiles the VAE twice more; bf16 runs are covered by the DiT and T5 tests
 def test_bf16_compute_and_weights():
     """bf16 activations and bf16 parameter arrays (the "quant" config: quant convs and conv_shortcuts too),
     one frame chunk each way, near diffusers' fp32 results."""

@@ -1,4 +1,4 @@
-"""A CLIP-style BPE tokenizer of our own, trained with the `tokenizers` library on a fixed word list.
+"""A CLIP-style BPE tokenizer of our own, learnt from a fixed word list and run by the `tokenizers` library.
 
 A model trained from scratch needs a tokenizer, and CLIP's vocabulary is not ours to ship. This one is
 trained here, deterministically, on `WORDS` (a few hundred words about people, motion, colours and
@@ -14,9 +14,10 @@ unknown token), one entry per merge in merge order, then `<|startoftext|>` and `
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
@@ -65,20 +66,44 @@ def _pipeline(model: BPE) -> Tokenizer:
 
 
 def train_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:
-    """BPE merges learnt from `words` (each word counted once), at most `max_merges`, in merge order."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(alphabet) + max_merges,  # the trainer counts the alphabet and its suffix forms
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-    )
-    tokenizer = _pipeline(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tokenizer.train_from_iterator(words, trainer)
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    return pairs[:max_merges]
+    """BPE merges learnt from `words` (each word counted once), at most `max_merges`, in merge order.
+
+    Written here rather than with `tokenizers.trainers.BpeTrainer`: that trainer breaks ties between
+    equally frequent pairs by its hash maps' order, which changes from one process to the next, so the
+    same words gave different merges (and a different tokenizer) on different runs. Here a tie goes to
+    the lexicographically smallest pair. The words go through the tokenizer's own normaliser and
+    pre-tokenizer (`tokenizers` still does all encoding); a pair must occur at least twice to be merged.
+    """
+    pipeline = _pipeline(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    counts: Counter[str] = Counter()
+    for word in words:
+        for piece, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(word)):
+            counts[piece] += 1
+    symbols = {piece: [*piece[:-1], piece[-1] + "</w>"] for piece in counts}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for piece, n in counts.items():
+            seq = symbols[piece]
+            for pair in zip(seq[:-1], seq[1:], strict=True):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best, n = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if n < 2:
+            break
+        merges.append(best)
+        for piece, seq in symbols.items():
+            out, k = [], 0
+            while k < len(seq):
+                if k + 1 < len(seq) and (seq[k], seq[k + 1]) == best:
+                    out.append(seq[k] + seq[k + 1])
+                    k += 2
+                else:
+                    out.append(seq[k])
+                    k += 1
+            symbols[piece] = out
+    return merges
 
 
 def clip_vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
