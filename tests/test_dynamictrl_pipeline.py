@@ -194,6 +194,7 @@ def pipe(bundle):
     return DynamiCtrlPipeline.load(bundle, compute=Compute(precision="highest"))
 
 
+@pytest.mark.slow  # CI time (the suite is near 20 min): make test-slow
 def test_frame_counts_padding_trimming_seeds_and_one_compile(pipe, monkeypatch, compiles):
     traces, encoded, prepared, decoded = [], [], [], []
     original_call = DynamiCtrlTransformerModel.__call__

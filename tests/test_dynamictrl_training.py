@@ -269,6 +269,7 @@ def test_fsdp_sharded_remat_step_equals_the_single_device_step():
 OVERFIT_STEPS, OVERFIT_LR, OVERFIT_RATIO, EVAL_DRAWS = 150, 2e-2, 5.0, 16
 
 
+@pytest.mark.slow  # CI time (the suite is near 20 min): make test-slow
 def test_tiny_dynamictrl_overfits_a_fixed_batch():
     """Two fixed examples, new t / noise / dropout every step: the loss on fixed draws falls >= 5x in 150.
     Step, optimizer and objective are configs/train_dynamictrl.py's `tiny` variant."""

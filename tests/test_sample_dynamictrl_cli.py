@@ -94,6 +94,7 @@ def argv(root, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # CI time (the suite is near 20 min): make test-slow
 def test_video_has_the_frames_size_and_fps_and_the_seed_fixes_it(files, tmp_path):
     out, grid, pngs = tmp_path / "a.mp4", tmp_path / "grid.mp4", tmp_path / "frames"
     assert sample.main(argv(files, out, "--stride", "2", "--grid", str(grid), "--frames-dir", str(pngs))) == 0

@@ -217,6 +217,7 @@ def test_tile_grid_blends_as_diffusers(decode):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # CI time (the suite is near 20 min): make test-slow
 def test_frame_counts_match_diffusers():
     """Decoded frame counts (4 per latent frame; 4 F' - 3 for an odd F') and encoded ones, as diffusers gives
     them; ours from shapes only for one latent frame (the parity tests decode 5 and 3, chunks of 2 and 3)."""
