@@ -2,7 +2,7 @@
 
     python -m bench.dynamictrl_memory                          # sampling: the step, T5, a VAE decode tile-chunk
     python -m bench.dynamictrl_memory --parts step --attention-chunk 1024
-    python -m bench.dynamictrl_memory --parts step --dump-to /tmp/dump   # + the biggest buffers of the step
+    python -m bench.dynamictrl_memory --parts step --dump-to dump/       # + the biggest buffers of the step
     python -m bench.dynamictrl_memory --tiny                   # a tiny config, seconds (for checks)
 
 task "sample" (one device) is what a 24 GB card has to hold while `DynamiCtrlPipeline` runs, at the release's

@@ -2,7 +2,7 @@
 denoiser stage and stage 2, each through train.py, and the trained bundle copied out.
 
     python -m xdyna_jax.training.demo_recipe --out demo/          # the full run (docs/synthetic.md)
-    python -m xdyna_jax.training.demo_recipe --out /tmp/d --quick # a few steps per stage: it runs end to end
+    python -m xdyna_jax.training.demo_recipe --out demo_quick/ --quick # a few steps per stage: it runs end to end
 
 Under --out:
   world/            the training world (seed 0): dancers of --identities identities, scene clips
