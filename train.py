@@ -1,16 +1,20 @@
-"""Train X-Dyna: stage 1 from converted SD 1.5 + AnimateDiff + IP-Adapter bundles, or continue an X-Dyna bundle.
+"""Train X-Dyna (stage 1 from converted SD 1.5 + AnimateDiff + IP-Adapter bundles, or continue an X-Dyna
+bundle), or fine-tune DynamiCtrl.
 
     python train.py --config stage1 --init motion_unet=bundles/animatediff --init ip_adapter=bundles/ip \\
         --init sd15=bundles/sd15 --data data/human --scene-data data/scenes --output runs/stage1
     python train.py --config stage2 --init xdyna=runs/stage1/bundle --data data/human --output runs/stage2 \\
         --set batch_size=16 --set optimizer.ema_decay=0.9999
     python train.py ... --output runs/stage1 --resume         # continue after a pre-emption
+    python train.py --config dynamictrl --init dynamictrl=bundles/dynamictrl --data data/dynamictrl \\
+        --output runs/dynamictrl                                  # DynamiCtrl SFT on a prepared dataset
 
---config is a config of configs/train_xdyna.py (stage1, stage2, all) or a path to a Python file with
+--config is a config of configs/train_xdyna.py (stage1, stage2, all), of configs/train_dynamictrl.py
+(dynamictrl: the release's recipe; dynamictrl_tiny: the tests' tiny model), or a path to a Python file with
 `get_config()` (`FILE.py:ARG` passes ARG); `--set key.sub=value` overrides one entry (a Python literal, else
 a string). The run writes OUTPUT/checkpoints (orbax), OUTPUT/tensorboard and, at the end, OUTPUT/bundle: an
-X-Dyna bundle sample.py loads. On a TPU pod or a GPU cluster every process runs the same command; each
-reads its own share of the data (see README "Training").
+X-Dyna (or DynamiCtrl) bundle sample.py loads. On a TPU pod or a GPU cluster every process runs the same
+command; each reads its own share of the data (see README "Training").
 
 Errors in the options, the config or the init bundles stop the run with one `error: ...` line and exit
 status 2 before anything is compiled; a NaN/Inf loss stops it with exit status 3 and the last good
@@ -29,7 +33,7 @@ from pathlib import Path
 import ml_collections
 
 log = logging.getLogger("train")
-NAMED_CONFIGS = ("stage1", "stage2", "all")
+NAMED_CONFIGS = ("stage1", "stage2", "all", "dynamictrl", "dynamictrl_tiny")
 # --set may create keys only inside these free-form sections
 OPEN_SECTIONS = ("compiler_options",)
 
@@ -39,8 +43,14 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train X-Dyna (two stages), on one device or a device mesh.")
-    p.add_argument("--config", default="stage1", help="stage1 | stage2 | all, or FILE.py[:ARG]")
+    p = argparse.ArgumentParser(
+        description="Train X-Dyna (two stages) or fine-tune DynamiCtrl, on one device or a mesh."
+    )
+    p.add_argument(
+        "--config",
+        default="stage1",
+        help="stage1 | stage2 | all | dynamictrl | dynamictrl_tiny, or FILE.py[:ARG]",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry")
     p.add_argument(
         "--init",
@@ -63,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """A named config of configs/train_xdyna.py or `FILE.py[:ARG]`'s get_config([ARG])."""
+    if spec in ("dynamictrl", "dynamictrl_tiny"):
+        from configs import train_dynamictrl
+
+        return train_dynamictrl.get_config("tiny" if spec == "dynamictrl_tiny" else "release")
     if spec in NAMED_CONFIGS:
         from configs import train_xdyna
 

@@ -70,6 +70,8 @@ SAMPLE_TARGET_GIB = 22  # the issue's target for the step: fits a 24 GB card (th
 # XLA:CPU's cheapest code generation; the memory analysis is the same (see bench/train_memory.py).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SAMPLE_PARTS = ("t5", "step", "vae_decode")
+TRAIN_TARGET_GIB = 16  # the issue's target for the SFT step on 32 devices: a TPU v5e chip's HBM
+V5E_PEAK_FLOPS, MFU = 197e12, 0.5  # bf16 FLOP/s of one TPU v5e chip; the step time's assumed utilisation
 
 
 # -- sizes ------------------------------------------------------------------------------------------------
@@ -434,7 +436,212 @@ def run_sample(a) -> None:
             print(f"#   live at the peak: {b}", flush=True)
 
 
-TASKS = {"sample": run_sample}
+# -- the SFT step (task train) ----------------------------------------------------------------------------
+
+
+def train_setup(
+    *,
+    tiny: bool,
+    batch: int,
+    layers: int | None = None,
+    attention: str | None = None,
+    remat: str | None = None,
+    size: Size | None = None,
+):
+    """(trainer, abstract TrainState, abstract batch) of the SFT step of configs/train_dynamictrl.py's
+    release recipe (trainable set `transformer`, AdamW on fp32 master weights, bf16 compute, the config's
+    remat) with one micro-batch of `batch` clips: shapes only, nothing allocated.
+
+    `attention` / `remat` override the config's (the FLOP count lowers with "xla" attention and no remat);
+    `tiny`: the config's tiny transformer sizes with the release's recipe otherwise.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from configs import train_dynamictrl
+    from xdyna_jax.models.cogvideox import CogVideoXConfig
+    from xdyna_jax.models.dynamictrl import DynamiCtrlTransformerModel
+    from xdyna_jax.nn.compute import Compute
+    from xdyna_jax.nn.shape_only import shape_only_model
+    from xdyna_jax.training.step import Trainer
+
+    tcfg = train_dynamictrl.get_config("release")
+    tcfg.step.grad_accum_steps = 1  # one micro-batch: the accumulation scan holds one at a time anyway
+    if remat is not None:
+        tcfg.step.remat.transformer_blocks = remat
+    step_cfg, opt_cfg, obj_cfg = train_dynamictrl.training_configs(tcfg)
+    compute = Compute(**{**tcfg.compute.to_dict(), **({"attention": attention} if attention else {})})
+    if tiny:
+        cfg = CogVideoXConfig.from_diffusers(train_dynamictrl.TINY_TRANSFORMER, compute)
+    else:
+        cfg = CogVideoXConfig(compute=compute)  # CogVideoX1.5-5B-I2V's sizes, the release's base
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
+    model = shape_only_model(DynamiCtrlTransformerModel, cfg)
+    trainer = Trainer(model, step_cfg, opt_cfg, obj_cfg)
+    trainable, frozen = trainer.split(model)
+    # the trainer's X-Dyna CFG slot (null image tokens) goes unused by DynamiCtrl: a (1, 1) placeholder
+    null_tokens = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+    state = jax.eval_shape(trainer.init_state, trainable, frozen, null_tokens, jax.random.key(0))
+    if size is None:
+        size = (
+            TINY_TRAIN_SIZE if tiny else Size(frames=int(tcfg.frames), height=tcfg.height, width=tcfg.width)
+        )
+    f = latent_frames(size.frames, cfg.patch_size_t or 1)
+    h, w = size.latent
+    c = cfg.out_channels
+    f32 = jnp.float32
+    # the batch as data preparation hands it over (float32 latents and T5 embeddings: 10 + 3.7 MB a clip)
+    batch_shapes = {
+        "latents": jax.ShapeDtypeStruct((batch, f, h, w, c), f32),
+        "image_latents": jax.ShapeDtypeStruct((batch, 1, h, w, c), f32),
+        "pose_latents": jax.ShapeDtypeStruct((batch, f, h, w, c), f32),
+        "text": jax.ShapeDtypeStruct((batch, size.text, cfg.text_embed_dim), f32),
+    }
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    info = {
+        "layers": cfg.num_layers,
+        "video_tokens": f // pt * (h // p) * (w // p),
+        "text_tokens": size.text,
+        "latent": [f, h, w, c],
+        "attention_chunk": compute.attention_chunk,
+    }
+    return trainer, state, batch_shapes, info
+
+
+TINY_TRAIN_SIZE = Size(frames=5, height=64, width=64, text=8)  # the tiny config's latents (2, 8, 8)
+
+
+def _count(tree) -> int:
+    import math
+
+    import jax
+
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def train_worker(
+    tiny: bool, layers: int | None, batch_per_device: int, fast: bool, dump_to: str | None
+) -> dict:
+    """Compile the SFT step on every (simulated) device of this process as train.py does (the config's
+    sharding section: FSDP over all devices, its rules passed to `Trainer.compile`); per-device memory."""
+    import jax
+
+    from configs import train_dynamictrl
+    from xdyna_jax.sharding import mesh_from_config, param_shardings, rules_from_config
+    from xdyna_jax.training.batch import batch_sharding
+
+    n_dev = jax.device_count()
+    trainer, state, batch, info = train_setup(tiny=tiny, batch=n_dev * batch_per_device, layers=layers)
+    sharding = train_dynamictrl.get_config("release").sharding
+    mesh = mesh_from_config(sharding.mesh)
+    rules = rules_from_config(sharding.rules)
+    options = dict(FAST_COMPILE) if fast else {}
+    if dump_to:
+        options.update(xla_dump_to=dump_to, xla_dump_hlo_as_text=True)
+    t0 = time.perf_counter()
+    compiled = trainer.compile(
+        state,
+        batch,
+        mesh,
+        param_shardings=lambda tree: param_shardings(tree, mesh, rules),
+        batch_sharding=batch_sharding,
+        rules=rules,
+        compiler_options=options,
+    )
+    r = {
+        **{f"{k}_bytes": v for k, v in compiled.memory.items()},
+        **info,
+        "mesh": dict(mesh.shape),
+        "trainable_params": _count(state.trainable),
+        "state_bytes": _param_bytes(state),
+        "compile_s": time.perf_counter() - t0,
+        "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    if dump_to:
+        r["biggest"] = peak_live_buffers(dump_to)
+    return r
+
+
+def train_flops_worker(tiny: bool, layers: int | None, batch_per_device: int) -> dict:
+    """FLOPs of one SFT step on `batch_per_device` clips (one device's work under FSDP), by the lowered
+    graph's cost analysis with "xla" attention and no remat: no loops, so every FLOP is counted once
+    (XLA counts a loop body once), and no recomputation (model FLOPs, as MFU counts them)."""
+    import jax
+
+    trainer, state, batch, _ = train_setup(
+        tiny=tiny, batch=batch_per_device, layers=layers, attention="xla", remat="none"
+    )
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    cost = jax.jit(trainer.train_step).lower(state, batch, key).cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {"flops_per_device": float(cost["flops"])}
+
+
+def _spawn_on(devices: int, args: list[str]) -> dict:
+    """A worker of this module in a fresh process with `devices` simulated CPU devices."""
+    from bench.common import spawn
+
+    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    flags = [f for f in (saved["XLA_FLAGS"] or "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        return spawn("bench.dynamictrl_memory", ["--worker", *args])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_train(a) -> None:
+    """task=train: the SFT step on each of --devices simulated devices, each count in its own process."""
+    common = [
+        "--batch-per-device",
+        str(a.batch_per_device),
+        *(["--tiny"] if a.tiny else []),
+        *(["--layers", str(a.layers)] if a.layers else []),
+    ]
+    per_device = float("nan")
+    if not a.no_flops:
+        per_device = _spawn_on(1, ["train_flops", *common])["flops_per_device"]
+        print(
+            f"# FLOPs: lowered cost analysis of the SFT step on {a.batch_per_device} clip(s), 'xla' attention, "
+            f"no remat = {per_device / 1e12:.1f} TFLOP per device per step",
+            flush=True,
+        )
+    for n in (int(d) for d in a.devices.split(",")):
+        dump = os.path.join(a.dump_to, f"train_devices{n}") if a.dump_to else None
+        args = ["train", *common, *(["--full-codegen"] if a.full_codegen else [])]
+        r = _spawn_on(n, [*args, *(["--dump-to", dump] if dump else [])])
+        mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+        peak = r["peak_bytes"] / GIB
+        met = "met" if peak <= TRAIN_TARGET_GIB else "NOT met"
+        flops = "" if per_device != per_device else f" tflops_per_step={per_device * n / 1e12:.0f}"
+        step_s = per_device / (MFU * V5E_PEAK_FLOPS)
+        print(
+            f"task=train devices={n} peak_gib_per_device={peak:.2f}{flops}   ({r['layers']} blocks, mesh "
+            f"{mesh}, global batch {n * a.batch_per_device}, {r['video_tokens']} video + {r['text_tokens']} "
+            f"text tokens; per device: arguments {r['argument_bytes'] / GIB:.2f} GiB (state "
+            f"{r['state_bytes'] / n / GIB:.2f} of it), temporaries {r['temp_bytes'] / GIB:.2f} GiB, outputs "
+            f"{r['output_bytes'] / GIB:.2f} GiB ({r['alias_bytes'] / GIB:.2f} aliased)"
+            + (
+                ""
+                if per_device != per_device
+                else f", {per_device / 1e12:.0f} TFLOP, v5e at {MFU:.0%} MFU {step_s:.1f} s/step"
+            )
+            + f"; {r['trainable_params'] / 1e9:.2f} B params trained; target <= {TRAIN_TARGET_GIB} GiB at "
+            f"32 devices {met if n == 32 else 'n/a'}; compile {r['compile_s']:.0f} s, host RSS "
+            f"{r['rss_gib']:.1f} GiB)",
+            flush=True,
+        )
+        for b in r.get("biggest", []):
+            print(f"#   live at the peak: {b}", flush=True)
+
+
+TASKS = {"sample": run_sample, "train": run_train}
 
 
 def main() -> None:
@@ -452,8 +659,18 @@ def main() -> None:
     p.add_argument(
         "--full-codegen", action="store_true", help="compile at XLA:CPU's default optimisation level"
     )
-    p.add_argument("--worker", choices=SAMPLE_PARTS, help=argparse.SUPPRESS)
+    p.add_argument("--devices", default="8,16,32", help="task train: comma-separated device counts")
+    p.add_argument("--batch-per-device", type=int, default=1, help="task train: clips per device")
+    p.add_argument("--no-flops", action="store_true", help="task train: skip the FLOP count")
+    p.add_argument("--worker", choices=(*SAMPLE_PARTS, "train", "train_flops"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker == "train":
+        r = train_worker(a.tiny, a.layers, a.batch_per_device, not a.full_codegen, a.dump_to)
+        print(json.dumps(r), flush=True)
+        return
+    if a.worker == "train_flops":
+        print(json.dumps(train_flops_worker(a.tiny, a.layers, a.batch_per_device)), flush=True)
+        return
     if a.worker:
         r = sample_worker(a.worker, a.tiny, a.attention_chunk, not a.full_codegen, a.dump_to, a.layers)
         print(json.dumps(r), flush=True)

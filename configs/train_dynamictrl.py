@@ -14,8 +14,8 @@ from __future__ import annotations
 import ml_collections
 
 from configs.sharding import sharding_section
+from xdyna_jax.training import sections
 from xdyna_jax.training.dynamictrl_objective import DynamiCtrlObjectiveConfig
-from xdyna_jax.training.sections import optimizer_config
 from xdyna_jax.training.step import StepConfig
 
 __all__ = ["get_config", "training_configs"]
@@ -90,12 +90,10 @@ def get_config(variant: str = "release") -> ml_collections.ConfigDict:
     cfg.objective.reference_noise_log_mean = defaults.reference_noise_log_mean
     cfg.objective.reference_noise_log_std = defaults.reference_noise_log_std
 
-    # clips: `frames` consecutive frames from a random start in 1..max_start_frame, resized to the bucket;
-    # the reference is the clip's frame 0. Captions: a `name#####caption` file, id_token prefixed.
+    # clips of `frames` frames at height x width; the examples are cut, encoded and captioned ahead by
+    # `python -m xdyna_jax.data.prepare --model dynamictrl` (its --max-start-frame, --id-token, --captions),
+    # which must have used these sizes (checked against its dataset.json before compiling)
     cfg.frames, cfg.height, cfg.width = 37, 1360, 768
-    cfg.data = ml_collections.ConfigDict(
-        dict(max_start_frame=30, id_token="BW_STYLE ", captions="prompts.txt")
-    )
     cfg.vae_scaling_factor = 0.7  # video, reference and pose latents alike
 
     cfg.batch_size = 32  # clips per optimizer step over all devices (grad_accum_steps micro-batches)
@@ -110,7 +108,11 @@ def get_config(variant: str = "release") -> ml_collections.ConfigDict:
     cfg.train.val_every = 1000
     cfg.train.val_batches = 4
     cfg.train.mfu = True
-    cfg.train.export = True
+    cfg.train.sample_every = 0  # no sample previews: sampling needs T5 and the VAE, which stay outside
+    cfg.train.export = True  # write OUTPUT/bundle at the end (the init bundle with the trained transformer)
+    cfg.train.export_ema = True  # the EMA weights, when optimizer.ema_decay > 0 keeps one
+    cfg.debug = ml_collections.ConfigDict()
+    cfg.debug.nan_at_step = 0  # > 0: that step's batch is poisoned with NaN (to test the NaN stop)
     cfg.compiler_options = ml_collections.ConfigDict()
     if variant == "tiny":
         _tiny(cfg)
@@ -129,7 +131,6 @@ def _tiny(cfg: ml_collections.ConfigDict) -> None:
     cfg.optimizer.weight_decay = 0.0
     cfg.optimizer.decay = "constant"
     cfg.frames, cfg.height, cfg.width = 5, 64, 64  # latents (2, 8, 8)
-    cfg.data.max_start_frame = 1
     cfg.batch_size = 2
     cfg.compute = ml_collections.ConfigDict(dict(dtype="float32", precision="default", attention="xla"))
     cfg.train.steps = 150
@@ -142,9 +143,4 @@ def _tiny(cfg: ml_collections.ConfigDict) -> None:
 
 def training_configs(cfg) -> tuple[StepConfig, object, DynamiCtrlObjectiveConfig]:
     """(step, optimizer, objective) configs of a DynamiCtrl run config, checked before anything is built."""
-    step = cfg.step.to_dict()
-    return (
-        StepConfig(**{**step, "remat": dict(step.get("remat", {}))}),
-        optimizer_config(cfg),
-        DynamiCtrlObjectiveConfig(**cfg.objective.to_dict()),
-    )
+    return sections.training_configs(cfg)

@@ -6,6 +6,11 @@
         --face-alignment --face-patches clips_reenacted/ --latents bundles/xdyna --height 896 --width 512 \\
         --output data/human
     python -m xdyna_jax.data.prepare --videos scenes/ --scene --height 896 --width 512 --output data/scene
+    python -m xdyna_jax.data.prepare --model dynamictrl --bundle bundles/dynamictrl --videos videos/ \\
+        --pose-videos poses/ --captions prompts.txt --output data/dynamictrl      # see prepare_dynamictrl.py
+
+`--model xdyna` (the default) prepares X-Dyna's dataset, described here; `--model dynamictrl` DynamiCtrl's
+(latents and T5 embeddings computed ahead; its options: `--model dynamictrl --help`).
 
 Inputs, per video `<stem>.mp4` (also .mov, .mkv, .avi, .webm) in --videos:
 - pose keypoints (human videos; one of):
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m xdyna_jax.data.prepare",
         description="Videos (+ keypoints, landmarks, face patches) -> an X-Dyna training dataset.",
     )
+    p.add_argument(
+        "--model", choices=("xdyna", "dynamictrl"), default="xdyna", help="whose dataset (dynamictrl: see "
+        "`--model dynamictrl --help`)"
+    )  # fmt: skip
     p.add_argument("--videos", required=True, help="folder of videos, one record each")
     pose = p.add_mutually_exclusive_group()
     pose.add_argument("--poses", help="folder of <stem>/ OpenPose JSON folders or <stem>.npy keypoints")
@@ -375,7 +384,9 @@ def _write_dataset(args, plan: _Plan, folder: Path, progress: bool) -> dict:
         "latents": None
         if plan.vae is None
         else {"bundle": str(args.latents), "value": "posterior mean x scaling_factor (no sample)"},
-        "options": {k: v for k, v in vars(args).items() if k not in ("output",) and v not in (None, False)},
+        "options": {
+            k: v for k, v in vars(args).items() if k not in ("output", "model") and v not in (None, False)
+        },
         "videos": plan.info,
     }
 
@@ -403,9 +414,16 @@ def _umask() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--model", choices=("xdyna", "dynamictrl"), default="xdyna")
     # JAX warns on every fork; ffmpeg's child process execs straight away, which is safe
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    if which.parse_known_args(argv)[0].model == "dynamictrl":
+        from xdyna_jax.data import prepare_dynamictrl
+
+        return prepare_dynamictrl.main(argv)
+    args = build_parser().parse_args(argv)
     try:
         output = prepare(args, progress=True)
     except (PrepareError, MediaError) as e:

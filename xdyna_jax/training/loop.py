@@ -1,6 +1,8 @@
 """The training run: models from the init bundles, the step compiled ahead, then steps, logs, validation and
 checkpoints until `train.steps`, and an X-Dyna bundle at the end. With the `vae` trainable set the run trains
 the init bundle's VAE alone, on frames, and exports the bundle with the trained VAE (training/vae_stage.py).
+A config of kind "dynamictrl" (configs/train_dynamictrl.py) fine-tunes a DynamiCtrl transformer on precomputed
+latents and exports a DynamiCtrl bundle (training/dynamictrl_run.py).
 
 Host syncs happen only at log steps, validation steps and saves: there the metrics of the steps since the
 last check are copied to the host and checked for NaN/Inf (loss and gradient norm). A bad value stops the
@@ -27,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sharding import LogicalSharding, mesh_from_config, param_shardings, rules_from_config
+from xdyna_jax.training import dynamictrl_run
 from xdyna_jax.training.batch import BatchBuilder, Layout, batch_sharding, empty_prompt_embedding
 from xdyna_jax.training.checkpoint import Checkpoints, StopRequest, abstract_state
 from xdyna_jax.training.export import CHECKPOINTS, export_bundle
@@ -116,6 +119,15 @@ def train(spec: RunSpec) -> int:
     cfg = spec.config
     step_cfg, opt_cfg, obj_cfg = training_configs(cfg)  # names are checked before anything is built
     init = parse_init(spec.init)
+    dynamictrl = cfg.get("kind", "xdyna") == "dynamictrl"  # DynamiCtrl SFT (training/dynamictrl_run.py)
+    if dynamictrl:  # its bundle and datasets checked before anything is created or compiled
+        if spec.scene_data:
+            raise RunError("--scene-data: a DynamiCtrl run reads prepared examples only (no scene mixing)")
+        bundle = dynamictrl_run.init_bundle(init)
+        shapes_of = dynamictrl_run.example_shapes(cfg, bundle)
+        for folder, what in ((spec.data, "--data"), (spec.val_data, "--val-data")):
+            if folder:
+                dynamictrl_run.check_dataset(folder, shapes_of, what)
     output = Path(spec.output).absolute()
     ckpts = Checkpoints(output / CHECKPOINTS, keep=int(cfg.train.keep))
     latest = ckpts.latest_step()
@@ -145,11 +157,17 @@ def train(spec: RunSpec) -> int:
     layout = Layout(
         int(cfg.batch_size), int(cfg.frames), int(cfg.height), int(cfg.width), pose=False, face=False
     )  # fmt: skip
-    if vae_stage:
-        built = None
+    built = None
+    if dynamictrl:
+        model = dynamictrl_run.load_transformer(bundle, Compute(**cfg.compute), sharding)
+        builder = dynamictrl_run.DynamiCtrlBatchBuilder(layout.global_batch, shapes_of, mesh)
+        null_tokens = jnp.zeros((1, 1), jnp.float32)  # no image prompt: the state's slot goes unused
+        frames_per_step = layout.global_batch * int(cfg.frames)
+    elif vae_stage:
         model = load_vae(init, Compute(**cfg.compute), sharding)
         builder = VAEBatchBuilder(layout, mesh)
         null_tokens = jnp.zeros((1, 1), jnp.float32)  # no image prompt: the state's slot goes unused
+        frames_per_step = layout.global_batch * (layout.frames + 1)  # a VAE reads every frame
     else:
         built = build_models(init, step_cfg.trainable, Compute(**cfg.compute), int(cfg.seed), sharding)
         model = built.models.denoiser
@@ -169,6 +187,7 @@ def train(spec: RunSpec) -> int:
         null_tokens = nnx.jit(  # one program, not an eager op per layer
             lambda enc, res: TrainingModels(None, enc, res).null_image_tokens()
         )(built.models.image_encoder, built.models.resampler)
+        frames_per_step = layout.global_batch * layout.frames
     trainer = Trainer(model, step_cfg, opt_cfg, obj_cfg)
     trainable, frozen = trainer.split(model)
     base_key = jax.random.key(int(cfg.seed))
@@ -182,7 +201,7 @@ def train(spec: RunSpec) -> int:
     else:
         state = jax.jit(trainer.init_state, out_shardings=state_sh)(trainable, frozen, null_tokens, base_key)
     preview = None
-    if not vae_stage:
+    if built is not None:
         preview = preview_for_run(  # None unless train.sample_every > 0
             cfg, data=spec.val_data or spec.data, clips=clips, trainer=trainer, state=state,
             encoders=builder.encoders(), text_encoder=built.text_encoder, tokenizer=built.tokenizer,
@@ -222,7 +241,7 @@ def train(spec: RunSpec) -> int:
         output / TENSORBOARD,
         start=step,
         total=total,
-        frames_per_step=layout.global_batch * (layout.frames + int(vae_stage)),  # a VAE reads every frame
+        frames_per_step=frames_per_step,
         flops_per_step=flops,
         devices=list(mesh.devices.flat),
     )
@@ -271,7 +290,11 @@ def train(spec: RunSpec) -> int:
         ema = bool(cfg.train.export_ema) and state.ema is not None
         weights = _host(state.ema if ema else state.trainable)
         if pid == 0:
-            if vae_stage:
+            if dynamictrl:
+                path = dynamictrl_run.export_dynamictrl_bundle(
+                    weights, record, output / BUNDLE, step=step, ema=ema, overwrite=True
+                )
+            elif vae_stage:
                 path = export_vae_bundle(
                     weights, record, output / BUNDLE, step=step, ema=ema, images=calibration, overwrite=True
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xdyna_jax.training.dynamictrl_objective import DynamiCtrlObjectiveConfig
 from xdyna_jax.training.objective import ObjectiveConfig
 from xdyna_jax.training.optimizer import OptimizerConfig
 from xdyna_jax.training.step import StepConfig
@@ -18,11 +19,15 @@ def optimizer_config(cfg: Any) -> OptimizerConfig:
     return OptimizerConfig(**opt)
 
 
-def training_configs(cfg: Any) -> tuple[StepConfig, OptimizerConfig, ObjectiveConfig]:
-    """(step, optimizer, objective) configs of a run config."""
+def training_configs(
+    cfg: Any,
+) -> tuple[StepConfig, OptimizerConfig, ObjectiveConfig | DynamiCtrlObjectiveConfig]:
+    """(step, optimizer, objective) configs of a run config; a config of kind "dynamictrl"
+    (configs/train_dynamictrl.py) has DynamiCtrl's objective."""
     step = cfg.step.to_dict()
+    objective = DynamiCtrlObjectiveConfig if cfg.get("kind", "xdyna") == "dynamictrl" else ObjectiveConfig
     return (
         StepConfig(**{**step, "remat": dict(step.get("remat", {}))}),
         optimizer_config(cfg),
-        ObjectiveConfig(**cfg.objective.to_dict()),
+        objective(**cfg.objective.to_dict()),
     )

@@ -6,6 +6,8 @@
                                               stage 1 from converted bundles (training/init.py); sd15 is the
                                               `convert sd15` output, for its vae/, text_encoder/, tokenizer/
     [--init face_controlnet=DIR]              stage 2's S-Face ControlNet (default: made from the UNet)
+    --init dynamictrl=DIR                     a DynamiCtrl pipeline bundle, with a DynamiCtrl config
+                                              (training/dynamictrl_run.py)
 
 A stage-2 run on a model without an S-Face ControlNet gets one (`add_face_controlnet`). Building the same
 init twice gives the same models, which is what export relies on (training/export.py). Given a
@@ -30,6 +32,7 @@ INIT_KEYS = {
     "sd15": "`convert sd15` output folder: vae/, text_encoder/, tokenizer/ (stage 1)",
     "pose_controlnet": "ControlNet bundle to start the pose ControlNet from (stage 1, optional)",
     "face_controlnet": "ControlNet bundle to start the S-Face ControlNet from (stage 2, optional)",
+    "dynamictrl": "DynamiCtrl pipeline bundle to fine-tune (a DynamiCtrl config; training/dynamictrl_run.py)",
 }
 STAGE1_REQUIRED = ("motion_unet", "ip_adapter", "sd15")
 
@@ -63,7 +66,11 @@ def parse_init(pairs: list[str] | dict) -> dict[str, str]:
     for key, value in init.items():
         if not Path(value).is_dir():
             raise InitError(f"--init {key}={value}: no such folder")
-    if "xdyna" in init:
+    if "dynamictrl" in init:
+        extra = sorted(set(init) - {"dynamictrl"})
+        if extra:
+            raise InitError(f"--init dynamictrl= is a whole DynamiCtrl bundle; drop --init {extra[0]}=")
+    elif "xdyna" in init:
         extra = sorted(set(init) & {"motion_unet", "ip_adapter", "sd15", "pose_controlnet"})
         if extra:
             raise InitError(f"--init xdyna= already holds every part; drop --init {extra[0]}=")
@@ -85,6 +92,8 @@ def build_models(
     sharding: LogicalSharding | None = None,
 ) -> RunModels:
     """The run's models from checked `init` (see the module docstring), on `sharding` (None: one device)."""
+    if "dynamictrl" in init:
+        raise InitError("--init dynamictrl= trains with a DynamiCtrl config (train.py --config dynamictrl)")
     if "xdyna" in init:
         models, pipe = resume(init["xdyna"], compute=compute, sharding=sharding)
         vae, text_encoder = pipe.vae, pipe.text_encoder
