@@ -81,6 +81,7 @@ def examples(folder):
     return {p.name: dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
 
 
+@pytest.mark.slow  # preparing the dataset compiles the VAE and T5 (~15 s): make test-slow
 def test_prepared_clips_hold_the_frozen_encoders_outputs(files, dataset):
     info = json.loads((dataset / "dataset.json").read_text())
     assert info["shapes"] == {
@@ -115,6 +116,7 @@ def prepare_frames(frames):
     return resize_frames(np.ascontiguousarray(frames), H, W).astype(np.float32) / 127.5 - 1.0
 
 
+@pytest.mark.slow
 def test_the_seed_fixes_the_dataset(files, dataset, tmp_path):
     assert prepare.main(prepare_argv(files, tmp_path / "again")) == 0
     first, again = examples(dataset), examples(tmp_path / "again")
@@ -167,6 +169,7 @@ def fixed_draw_loss(transformer, data, cfg, draws=8):
     return float(np.mean(total))
 
 
+@pytest.mark.slow
 def test_train_run_mismatched_dataset_is_refused_before_compiling(files, dataset, tmp_path, capsys):
     assert train.main(train_argv(files, dataset, tmp_path / "run", 2, "height=64", "width=64")) == 2
     err = capsys.readouterr().err

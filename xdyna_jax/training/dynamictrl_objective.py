@@ -121,13 +121,12 @@ def draw_dynamictrl(key: jax.Array, latents_shape: tuple[int, ...], cfg: DynamiC
 
 def noise_reference_frame(frame: jax.Array, key: jax.Array, cfg: DynamiCtrlObjectiveConfig) -> jax.Array:
     """Reference frames (B, ..., H, W, 3) in [-1, 1] plus sigma * N(0, 1), log sigma ~ N(mean, std) per
-    example: what the release does to the reference before the VAE encodes it (batch preparation)."""
-    k_sigma, k_noise = jax.random.split(key)
-    b = frame.shape[0]
-    log_sigma = cfg.reference_noise_log_mean + cfg.reference_noise_log_std * jax.random.normal(k_sigma, (b,))
-    sigma = jnp.exp(log_sigma).reshape(b, *(1,) * (frame.ndim - 1))
-    x = frame.astype(jnp.float32)
-    return x + sigma * jax.random.normal(k_noise, x.shape, jnp.float32)
+    example: what the release does to the reference before the VAE encodes it (done when the dataset is
+    prepared: `data.prepare_dynamictrl.reference_pixel_noise`, with the same draws from the same key)."""
+    from xdyna_jax.data.prepare_dynamictrl import reference_pixel_noise
+
+    noised, _ = reference_pixel_noise(frame, key, cfg.reference_noise_log_mean, cfg.reference_noise_log_std)
+    return noised
 
 
 def model_input(noisy: jax.Array, image_latents: jax.Array, drop_image: jax.Array) -> jax.Array:
