@@ -22,6 +22,7 @@ from xdyna_jax.data import prepare
 from xdyna_jax.io.video import write_video
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import load_dynamictrl
+from xdyna_jax.training import export
 from xdyna_jax.training.dynamictrl_objective import (
     DynamiCtrlObjectiveConfig,
     draw_dynamictrl,
@@ -197,6 +198,16 @@ def test_fine_tuning_through_train_py_fits_the_prepared_clips(files, dataset, tm
         b = xdyna_jax.load(files / "bundle" / name, param_dtype="float32")
         for (pa, va), (_, vb) in zip(a, nnx.to_flat_state(nnx.state(b, nnx.Param)), strict=True):
             np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), str(pa))
+    # the export CLI rebuilds the same bundle from the last checkpoint
+    assert export.main([str(tmp_path / "run"), "--output", str(tmp_path / "exported")]) == 0
+    exported = xdyna_jax.load(tmp_path / "exported" / "transformer", param_dtype="float32")
+    pairs = zip(
+        nnx.to_flat_state(nnx.state(exported, nnx.Param)),
+        nnx.to_flat_state(nnx.state(after.transformer, nnx.Param)),
+        strict=True,
+    )
+    for (path, a), (_, b) in pairs:
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), str(path))
     cfg = DynamiCtrlObjectiveConfig()
     data = examples(dataset)
     ratio = fixed_draw_loss(before, data, cfg) / fixed_draw_loss(after.transformer, data, cfg)

@@ -1,4 +1,5 @@
-"""A training checkpoint -> an X-Dyna pipeline bundle that `sample.py` / `XDynaPipeline.load` read.
+"""A training checkpoint -> an X-Dyna pipeline bundle that `sample.py` / `XDynaPipeline.load` read (or, for a
+DynamiCtrl run, a DynamiCtrl bundle: `training/dynamictrl_run.py`).
 
     python -m xdyna_jax.training.export RUN/checkpoints --output bundles/xdyna_trained [--step N] [--no-ema]
 
@@ -30,6 +31,7 @@ from flax import nnx
 import xdyna_jax
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import MANIFEST, XDYNA_SCHEDULER
+from xdyna_jax.training import dynamictrl_run
 from xdyna_jax.training.checkpoint import Checkpoints, abstract_state
 from xdyna_jax.training.sections import training_configs
 from xdyna_jax.training.start import build_models
@@ -131,22 +133,32 @@ def export_checkpoint(
     run = ckpts.read_config(step)
     cfg = ml_collections.ConfigDict(run["config"])
     step_cfg, opt_cfg, obj_cfg = training_configs(cfg)
+    dynamictrl = cfg.get("kind", "xdyna") == "dynamictrl"
     with jax.default_device(host_device()):
-        models = build_models(run["init"], step_cfg.trainable, Compute(), int(cfg.seed)).models
-        trainer = Trainer(models.denoiser, step_cfg, opt_cfg, obj_cfg)
-        trainable, frozen = trainer.split(models.denoiser)
-        tokens = jax.eval_shape(models.null_image_tokens)
+        if dynamictrl:  # the transformer alone; its run kept no image-prompt tokens
+            model = dynamictrl_run.load_transformer(dynamictrl_run.init_bundle(run["init"]), Compute(), None)
+            tokens = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+        else:
+            models = build_models(run["init"], step_cfg.trainable, Compute(), int(cfg.seed)).models
+            model, tokens = models.denoiser, jax.eval_shape(models.null_image_tokens)
+            del models
+        trainer = Trainer(model, step_cfg, opt_cfg, obj_cfg)
+        trainable, frozen = trainer.split(model)
         shapes = jax.eval_shape(trainer.init_state, trainable, frozen, tokens, jax.random.key(0))
-    del models, trainable, frozen
+    del model, trainable, frozen
     host = jax.sharding.SingleDeviceSharding(host_device())
     state, _, _ = ckpts.restore(abstract_state(shapes, jax.tree_util.tree_map(lambda _: host, shapes)), step)
     ckpts.close()
     ema = use_ema and state.ema is not None
-    return export_bundle(state.ema if ema else state.trainable, run, output, step=step, ema=ema)
+    weights = state.ema if ema else state.trainable
+    write = dynamictrl_run.export_dynamictrl_bundle if dynamictrl else export_bundle
+    return write(weights, run, output, step=step, ema=ema)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Export a training checkpoint as an X-Dyna pipeline bundle.")
+    p = argparse.ArgumentParser(
+        description="Export a training checkpoint as an X-Dyna (or DynamiCtrl) pipeline bundle."
+    )
     p.add_argument("checkpoints", help="the run's --output folder or its checkpoints/ folder")
     p.add_argument("--output", required=True, help="the bundle folder to write (must not exist)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
