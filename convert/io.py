@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import pickle
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from xdyna_jax.io.atomic import atomic_folder, usual_mode
 
 __all__ = [
     "ConversionError",
@@ -251,12 +252,6 @@ def _strip_common_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[st
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; the body writes it, and it replaces `path` only if the body succeeds.
@@ -271,7 +266,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -345,39 +340,18 @@ def refuse_existing_output(path: str | os.PathLike, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temp folder next to `path`; move it to `path` only if the body succeeds.
+    """Yield a fresh temp folder next to `path`; move it to `path` only if the body succeeds
+    (`xdyna_jax.io.atomic.atomic_folder`, with the converters' error for an existing output).
 
     On any exception the temp folder is deleted, so a failed conversion leaves nothing behind (and an
     existing output is left untouched). An existing `path` is refused up front unless `overwrite`.
     """
-    path = Path(path)
     refuse_existing_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        yield tmp
-        _move_into_place(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    if not path.exists() and not path.is_symlink():
-        os.rename(tmp, path)
-        return
-    refuse_existing_output(path, overwrite)  # it appeared while we were writing
-    # Move the old output aside first so that `path` is never missing the old AND the new content.
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-    os.replace(path, old / "content")
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.replace(old / "content", path)  # put the old output back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(path, overwrite=overwrite) as tmp:
+            yield tmp
+    except FileExistsError as e:  # it appeared while we were writing
+        raise ConversionError(f"output {path}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------- folders

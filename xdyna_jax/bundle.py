@@ -18,8 +18,6 @@ import dataclasses
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.shape_only import shape_only_model
 from xdyna_jax.sharding import LogicalSharding
@@ -174,19 +173,10 @@ def save(
         "config": module.config.to_dict(),
     }
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(dtype=jnp.dtype(stored)), params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; a bundle is an ordinary folder
-    try:
+    with atomic_folder(path, overwrite=overwrite) as tmp:
         checkpointer = _checkpointer()
         checkpointer.save(tmp / "weights", args=ocp.args.PyTreeSave(params, save_args=save_args))
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

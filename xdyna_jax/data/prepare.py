@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +60,7 @@ from xdyna_jax.data.records import (
     shard_names,
     write_info,
 )
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.io.driving import (
     crop_box,
     detect_poses,
@@ -395,22 +394,9 @@ def prepare(args, *, progress: bool = False) -> Path:
     """Check every input, then build the dataset in a temporary sibling and rename it to --output."""
     plan = _Plan(args)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         write_info(tmp, _write_dataset(args, plan, tmp, progress))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the dataset gets the usual mode
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from xdyna_jax.io.atomic import atomic_folder
 
 FORMAT = "xdyna_jax.dynamictrl/1"
 INFO_FILE = "dataset.json"
@@ -399,13 +398,9 @@ def build_examples(args, plan: _Plan, folder: Path, progress: bool) -> list[dict
 
 def prepare(args, *, progress: bool = False) -> Path:
     """Check every input, then write the dataset into a temporary sibling and rename it to --output."""
-    from xdyna_jax.data.prepare import _umask
-
     plan = _Plan(args)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         clips = build_examples(args, plan, tmp, progress)
         first = np.load(tmp / clips[0]["file"])
         info = {
@@ -424,11 +419,6 @@ def prepare(args, *, progress: bool = False) -> Path:
             "options": {k: v for k, v in vars(args).items() if k != "output" and v not in (None, False)},
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the dataset gets the usual mode
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -43,9 +43,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +71,7 @@ from xdyna_jax.data.synthetic_draw import (
     point_scores,
 )
 from xdyna_jax.data.synthetic_scene import BACKGROUNDS, pick_background, render_background
+from xdyna_jax.io.atomic import atomic_folder
 
 PALETTE_FORMAT = "xdyna-synthetic-palette/1"
 WORLD_FORMAT = "xdyna-synthetic-world/1"
@@ -211,12 +210,6 @@ def render_scene(
 # ------------------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _identity_ids(identities, seed: int) -> list[int]:
     if isinstance(identities, int | np.integer):
         if not 0 <= identities <= IDENTITY_STRIDE:
@@ -266,14 +259,12 @@ def write_world(
     jobs += [("clip", i, j) for i in ids for j in range(clips_per_identity)]
     jobs += [("scene", seed * IDENTITY_STRIDE + k, None) for k in range(scene_clips)]
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    folders = {k: tmp / k for k in ("videos", "poses", "faces", "palettes", "scenes", "references")}
     world = {
         "format": WORLD_FORMAT, "seed": seed, "height": height, "width": width, "num_frames": num_frames,
         "fps": fps, "identities": ids, "clips": [], "scenes": [],
     }  # fmt: skip
-    try:
+    with atomic_folder(root) as tmp:
+        folders = {k: tmp / k for k in ("videos", "poses", "faces", "palettes", "scenes", "references")}
         for folder in folders.values():
             folder.mkdir()
         bar = tqdm(jobs, desc="synthetic world", unit="clip", file=sys.stderr, disable=not progress)
@@ -308,11 +299,6 @@ def write_world(
                 write_video(folders["scenes"] / f"{stem}.mp4", frames, fps=fps)
                 world["scenes"].append({"stem": stem, "seed": n, "background": background})
         (tmp / "world.json").write_text(json.dumps(world, indent=1))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the world gets the usual mode
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 from PIL import Image, ImageOps
+
+from xdyna_jax.io.atomic import atomic_folder, usual_mode
 
 
 class MediaError(ValueError):
@@ -97,12 +98,6 @@ def read_video(
     return np.stack(frames), (float(fps) if fps else None)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float, quality: int = 8) -> Path:
     """uint8 (T, H, W, 3) RGB frames -> an H.264 mp4 at `fps`, written to a temporary sibling and renamed
     into place (the target is replaced only once the whole video is encoded).
@@ -135,7 +130,7 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float, quality: in
                 writer.close()
             raise
         writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the video gets the usual mode
+        usual_mode(Path(tmp), directory=False)  # mkstemp's file is private; the video gets the usual mode
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -149,14 +144,7 @@ def write_frames(directory: str | Path, frames: np.ndarray) -> Path:
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         for i, frame in enumerate(np.asarray(frames)):
             Image.fromarray(frame).save(tmp / f"{i:06d}.png")
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

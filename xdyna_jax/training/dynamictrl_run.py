@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from flax import nnx
 
 import xdyna_jax
 from xdyna_jax.bundle import BundleError, read_meta
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.models.cogvideox import CogVideoXConfig
 from xdyna_jax.models.vae_cogvideox import CogVideoXVAEConfig
 from xdyna_jax.nn.compute import Compute
@@ -188,10 +187,7 @@ def export_dynamictrl_bundle(
         for path, value in flat:
             value = value.get_value() if isinstance(value, nnx.Variable) else value
             params[path].set_value(np.asarray(jax.device_get(value), np.float32))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(output, overwrite=overwrite) as tmp:
         xdyna_jax.save(model, tmp / "transformer", param_dtype=stored)
         for name in COPIED:
             shutil.copytree(bundle / name, tmp / name)
@@ -204,10 +200,4 @@ def export_dynamictrl_bundle(
             init=run["init"],
         )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

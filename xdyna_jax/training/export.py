@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import xdyna_jax
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import MANIFEST, XDYNA_SCHEDULER
 from xdyna_jax.training import dynamictrl_run
@@ -87,10 +86,7 @@ def export_bundle(
         "image_encoder": built.models.image_encoder,
         "resampler": built.models.resampler,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(output, overwrite=overwrite) as tmp:
         for name, module in parts.items():
             if module is not None:
                 dtype = "float32" if name in ("unet", "controlnet_pose", "controlnet_face") else None
@@ -107,12 +103,6 @@ def export_bundle(
             "init": run["init"],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

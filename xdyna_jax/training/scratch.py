@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from flax import nnx
 import xdyna_jax
 from xdyna_jax.bundle import read_params
 from xdyna_jax.conditioning.clip_tokenizer import CLIPTokenizer
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from xdyna_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from xdyna_jax.models.controlnet import ControlNetConfig, ControlNetModel
@@ -174,9 +174,6 @@ def save_xdyna(parts: XDyna, tokenizer_folder: str | Path, folder: str | Path, m
     folder = Path(folder).absolute()
     if folder.exists():
         raise FileExistsError(f"{folder} already exists")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)
     models = {
         "unet": parts.denoiser.unet,
         "controlnet_pose": parts.denoiser.pose_controlnet,
@@ -186,7 +183,7 @@ def save_xdyna(parts: XDyna, tokenizer_folder: str | Path, folder: str | Path, m
         "image_encoder": parts.image_encoder,
         "resampler": parts.resampler,
     }
-    try:
+    with atomic_folder(folder) as tmp:
         for name, module in models.items():
             if module is not None:
                 xdyna_jax.save(module, tmp / name)
@@ -195,10 +192,6 @@ def save_xdyna(parts: XDyna, tokenizer_folder: str | Path, folder: str | Path, m
         scheduler = json.dumps(parts.scheduler.to_diffusers())
         (tmp / "scheduler" / "scheduler_config.json").write_text(scheduler)
         (tmp / MANIFEST).write_text(json.dumps({"kind": "xdyna", **manifest}, indent=2) + "\n")
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

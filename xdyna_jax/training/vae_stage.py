@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from jax.sharding import Mesh
 
 import xdyna_jax
 from xdyna_jax.bundle import BundleError
+from xdyna_jax.io.atomic import atomic_folder
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.sampling.bundles import MANIFEST
 from xdyna_jax.sharding import LogicalSharding
@@ -132,11 +131,8 @@ def export_vae_bundle(
             params[path].set_value(jnp.asarray(np.asarray(jax.device_get(value), np.float32)))
         factor = scaling_factor(vae, images)
         vae.config = dataclasses.replace(vae.config, scaling_factor=factor)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output, overwrite=overwrite) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(VAE))
-        tmp.chmod(0o755)
         xdyna_jax.save(vae, tmp / VAE)
         manifest = json.loads((source / MANIFEST).read_text())
         manifest.update(
@@ -144,10 +140,4 @@ def export_vae_bundle(
             trainable="vae", init=run["init"], vae_scaling_factor=factor,
         )  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
