@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracle import standing_pose
 from oracle_dynamictrl_release import write_release
 
 import train
@@ -127,6 +128,24 @@ def test_the_seed_fixes_the_dataset(files, dataset, tmp_path):
     assert prepare.main(prepare_argv(files, tmp_path / "other", "--seed", "1")) == 0
     other = examples(tmp_path / "other")
     assert not np.array_equal(first["alice.0.npz"]["latents"], other["alice.0.npz"]["latents"])
+
+
+@pytest.mark.slow
+def test_keypoints_are_drawn_into_the_pose_latents(files, dataset, tmp_path):
+    """--poses keypoints (the video's pixels) drawn MimicMotion-style instead of rendered pose videos."""
+    (files / "keypoints").mkdir(exist_ok=True)
+    for name in CAPTIONS:
+        frames = [standing_pose((40, 48), raise_right_wrist=0.03 * t) for t in range(VIDEO_FRAMES)]
+        points = np.stack([np.concatenate([f.body, f.body_scores[:, None]], 1) for f in frames])
+        np.save(files / "keypoints" / f"{name}.npy", points.astype(np.float32))
+    argv = prepare_argv(files, tmp_path / "kp")
+    i = argv.index("--pose-videos")
+    argv[i : i + 2] = ["--poses", str(files / "keypoints")]
+    assert prepare.main(argv) == 0
+    drawn, rendered = examples(tmp_path / "kp"), examples(dataset)
+    for name in drawn:  # same clips (the seed), other pose latents; the video latents unchanged
+        np.testing.assert_array_equal(drawn[name]["latents"], rendered[name]["latents"])
+        assert not np.allclose(drawn[name]["pose_latents"], rendered[name]["pose_latents"])
 
 
 @pytest.mark.parametrize(
