@@ -352,14 +352,15 @@ def _make_weights(path: Path, layers: int) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def _parse_options(items: list[str]) -> dict | None:
-    """["key=value", ...] -> XLA compiler options."""
+def parse_xla_options(items: list[str]) -> dict | None:
+    """["key=value", ...] -> XLA compiler options; "true" / "false" become Python bools (XLA rejects the
+    strings for a bool option such as xla_cpu_use_xnnpack), every other value stays a string."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise SystemExit(f"--xla-option wants KEY=VALUE, got {item!r}")
-        options[key] = value
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
     return options or None
 
 
@@ -583,7 +584,7 @@ def main() -> None:
         if a.worker == "torch":
             res = worker_torch(a.weights, a.layers, latent, a.repeats, a.out, a.pieces)
         else:
-            options = _parse_options(a.xla_option)
+            options = parse_xla_options(a.xla_option)
             res = worker_jax(
                 a.weights,
                 a.layers,

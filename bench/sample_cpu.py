@@ -3,6 +3,8 @@
     python -m bench.sample_cpu                     # tiny and mid, ~15-20 min on the 2-core machine
     python -m bench.sample_cpu --sizes tiny --repeats 5
     python -m bench.sample_cpu --sizes mid --repeats 2 --skip-e2e --jax-batched-cfg
+    python -m bench.sample_cpu --sizes mid --skip-e2e --skip-xdyna --rounds 2 \
+        --xla-option xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT
 
 The window step is what `XDynaPipeline` runs once per window and denoising step: the pose and S-Face
 ControlNets on the window's driven frames (once, for both CFG halves: the halves differ only in their image
@@ -31,8 +33,10 @@ ids are given directly, there being no tokenizer files here): a first call (ever
 Sizes: tiny = the tests' tiny X-Dyna (channels 32/64, cross-attention width 16, 4 IP tokens), latent 12x8,
 1 + 16 frames; mid = SD 1.5's widths (320/640/1280/1280, 2 layers, 8 heads, context 768, 16 IP tokens) on a
 256x128 canvas (latent 32x16), 1 + 8 frames. Both fp32, PyTorch with as many threads as cores under
-inference_mode, JAX with its automatic conv formulation (nn/conv.py). Times are the minimum over the
-repeats after a warm-up (the least disturbed run on a shared machine). Each size runs in its own process.
+inference_mode, JAX with its automatic conv formulation (nn/conv.py) and any --xla-option given to the
+window step's compile (XDynaPipeline's compiler_options). Times are the minimum over the repeats after a
+warm-up and over --rounds worker processes (each times PyTorch, then JAX): the least disturbed run on a
+shared machine, so report the load average printed with it. Each size runs in its own process(es).
 Result lines: task=sample_step size=<tiny|mid> variant=<like_for_like|xdyna> jax_s=.. torch_s=.. ratio=..
 """
 
@@ -49,6 +53,7 @@ import time
 import numpy as np
 
 from bench.common import spawn, time_calls
+from bench.dit_cpu import parse_xla_options
 
 TEXT_TOKENS = 77
 TIMESTEP = 500
@@ -413,13 +418,13 @@ def xdyna_denoiser(size: Size, like_denoiser):
     return XDynaDenoiser(unet, like_denoiser.pose_controlnet, like_denoiser.face_controlnet)
 
 
-def _pipeline(denoiser, sequential_cfg: bool = True, **parts):
+def _pipeline(denoiser, sequential_cfg: bool = True, compiler_options: dict | None = None, **parts):
     from xdyna_jax.sampling.bundles import XDYNA_SCHEDULER, XDyna
     from xdyna_jax.sampling.xdyna import XDynaPipeline
 
     names = ("vae", "text_encoder", "tokenizer", "image_encoder", "resampler")
     parts = XDyna(denoiser, *(parts.get(k) for k in names), XDYNA_SCHEDULER, {})
-    return XDynaPipeline(parts, sequential_cfg=sequential_cfg)
+    return XDynaPipeline(parts, sequential_cfg=sequential_cfg, compiler_options=compiler_options)
 
 
 def jax_step_args(pipe, x: dict):
@@ -443,7 +448,8 @@ def jax_step_args(pipe, x: dict):
 
 
 def time_jax_step(pipe, x: dict, repeats: int) -> dict:
-    """Compile seconds (trace + lower + compile), min seconds per window step, the output."""
+    """Compile seconds (trace + lower + compile, with the pipeline's compiler options), min seconds per
+    window step, the output."""
     args = jax_step_args(pipe, x)
     t0 = time.perf_counter()
     compiled = pipe._step.lower(*args).compile()
@@ -495,9 +501,10 @@ def e2e_parts(size: Size) -> dict:
     }
 
 
-def time_e2e(size: Size, denoiser) -> dict:
-    """Seconds of a first (compiling) and a second `XDynaPipeline.__call__`."""
-    pipe = _pipeline(denoiser, **e2e_parts(size))
+def time_e2e(size: Size, denoiser, xla_options: dict | None = None) -> dict:
+    """Seconds of a first (compiling) and a second `XDynaPipeline.__call__` (`xla_options`: of its window
+    step's compile; the VAE and encoders keep XLA's defaults)."""
+    pipe = _pipeline(denoiser, compiler_options=xla_options, **e2e_parts(size))
     h, w = (size.downscale * d for d in size.latent)
     n = size.e2e_frames
     rng = np.random.default_rng(0)
@@ -533,7 +540,14 @@ def like_for_like_check(size: Size, seed: int = 0) -> float:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def worker(name: str, repeats: int, e2e: bool, jax_batched_cfg: bool) -> dict:
+def worker(
+    name: str,
+    repeats: int,
+    e2e: bool,
+    jax_batched_cfg: bool,
+    xla_options: dict | None = None,
+    xdyna: bool = True,
+) -> dict:
     import torch
 
     size = SIZES[name]
@@ -543,26 +557,45 @@ def worker(name: str, repeats: int, e2e: bool, jax_batched_cfg: bool) -> dict:
     res = time_torch(models, x, repeats)
     expected = res.pop("output")
     like = jax_denoiser(size, models)  # empties `models`: the torch weights are freed
-    r = time_jax_step(_pipeline(like), x, repeats)
+    r = time_jax_step(_pipeline(like, compiler_options=xla_options), x, repeats)
     res["rel_err"] = rel_err(r.pop("output"), expected)
     res["like_for_like"] = r
     if jax_batched_cfg:  # the pipeline's other CFG mode (more memory)
-        r = time_jax_step(_pipeline(like, sequential_cfg=False), x, repeats)
+        r = time_jax_step(_pipeline(like, False, xla_options), x, repeats)
         r["rel_err"] = rel_err(r.pop("output"), expected)
         res["like_for_like_batched_cfg"] = r
-    xdyna = xdyna_denoiser(size, like)
-    del like
-    r = time_jax_step(_pipeline(xdyna), x, repeats)
-    r.pop("output")
-    res["xdyna"] = r
+    if xdyna or e2e:
+        xdyna_den = xdyna_denoiser(size, like)
+        del like
+    if xdyna:
+        r = time_jax_step(_pipeline(xdyna_den, compiler_options=xla_options), x, repeats)
+        r.pop("output")
+        res["xdyna"] = r
     if e2e:
-        res.update(time_e2e(size, xdyna))
+        res.update(time_e2e(size, xdyna_den, xla_options))
     res["threads"] = torch.get_num_threads()
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return res
 
 
-def report(name: str, r: dict) -> None:
+def merge_rounds(runs: list[dict]) -> dict:
+    """One result of several worker processes: every time the minimum over the rounds (the rel errs the
+    worst), the rest as the first round has it."""
+    r = dict(runs[0])
+    r["torch_s_by_cfg"] = {k: min(x["torch_s_by_cfg"][k] for x in runs) for k in r["torch_s_by_cfg"]}
+    r["torch_cfg"] = min(r["torch_s_by_cfg"], key=r["torch_s_by_cfg"].get)
+    r["torch_s"] = r["torch_s_by_cfg"][r["torch_cfg"]]
+    r["rel_err"] = max(x["rel_err"] for x in runs)
+    for variant in ("like_for_like", "like_for_like_batched_cfg", "xdyna"):
+        if variant in r:
+            r[variant] = dict(r[variant], jax_s=min(x[variant]["jax_s"] for x in runs))
+            if "rel_err" in r[variant]:
+                r[variant]["rel_err"] = max(x[variant]["rel_err"] for x in runs)
+    r["rounds"] = len(runs)
+    return r
+
+
+def report(name: str, r: dict, xla_options: list[str] = ()) -> None:
     size = SIZES[name]
     frames = f"1+{size.frames}"
     latent = "x".join(map(str, size.latent))
@@ -575,7 +608,8 @@ def report(name: str, r: dict) -> None:
             f"task=sample_step size={name} variant={variant} jax_s={j['jax_s']:.3f} torch_s={r['torch_s']:.3f} "
             f"ratio={j['jax_s'] / r['torch_s']:.2f}"
             + (f" rel_err={j['rel_err']:.1e}" if "rel_err" in j else "")
-            + f" jax_compile_s={j['compile_s']:.1f}",
+            + f" jax_compile_s={j['compile_s']:.1f}"
+            + "".join(f" xla_option={o}" for o in xla_options),
             flush=True,
         )
     torch_ways = ", ".join(f"{k} {v:.3f} s" for k, v in r["torch_s_by_cfg"].items())
@@ -585,7 +619,8 @@ def report(name: str, r: dict) -> None:
         f"(as XDynaPipeline's default; like_for_like_batched_cfg: as one batch); "
         f"like_for_like = same function as PyTorch, {'agrees' if r['rel_err'] < 1e-4 else 'DISAGREES'} "
         f"(rel err {r['rel_err']:.1e} < 1e-4); xdyna = the pipeline's real step, with the Dynamics-Adapter "
-        f"PyTorch does not run; peak RSS {r['peak_rss_gib']:.1f} GiB)",
+        f"PyTorch does not run; peak RSS {r['peak_rss_gib']:.1f} GiB; min over {r.get('rounds', 1)} "
+        f"round(s); load average {os.getloadavg()})",
         flush=True,
     )
     if "e2e_cold_s" in r:
@@ -604,17 +639,29 @@ def main() -> None:
     p.add_argument(
         "--jax-batched-cfg", action="store_true", help="also time JAX with the CFG halves as one batch"
     )
+    p.add_argument("--skip-xdyna", action="store_true", help="time only the like-for-like JAX step")
+    p.add_argument("--rounds", type=int, default=1, help="worker processes per size (min over them)")
+    p.add_argument(
+        "--xla-option", action="append", default=[], help="KEY=VALUE XLA compiler option for JAX (repeatable)"
+    )
     p.add_argument("--worker", choices=sorted(SIZES), help=argparse.SUPPRESS)
     a = p.parse_args()
+    options = parse_xla_options(a.xla_option)  # checked here too, before any worker starts
     if a.worker:  # child process: one size
-        print(json.dumps(worker(a.worker, a.repeats, not a.skip_e2e, a.jax_batched_cfg)))
+        res = worker(a.worker, a.repeats, not a.skip_e2e, a.jax_batched_cfg, options, not a.skip_xdyna)
+        print(json.dumps(res))
         return
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
     for name in a.sizes.split(","):
         if name not in SIZES:
             p.error(f"unknown size {name!r}; choose from {sorted(SIZES)}")
         args = ["--worker", name, "--repeats", str(a.repeats)]
         args += ["--skip-e2e"] * a.skip_e2e + ["--jax-batched-cfg"] * a.jax_batched_cfg
-        report(name, spawn(__spec__.name, args))
+        args += ["--skip-xdyna"] * a.skip_xdyna
+        args += [arg for opt in a.xla_option for arg in ("--xla-option", opt)]
+        print(f"load average {os.getloadavg()}", flush=True)
+        report(name, merge_rounds([spawn(__spec__.name, args) for _ in range(a.rounds)]), a.xla_option)
 
 
 if __name__ == "__main__":
