@@ -1,9 +1,11 @@
-"""Memory of DynamiCtrl's sampling at the release's size, compiled from shapes only (no weights).
+"""Memory of DynamiCtrl's sampling and SFT step at the release's size, compiled from shapes only (no weights).
 
     python -m bench.dynamictrl_memory                          # sampling: the step, T5, a VAE decode tile-chunk
     python -m bench.dynamictrl_memory --parts step --attention-chunk 1024
     python -m bench.dynamictrl_memory --parts step --dump-to dump/       # + the biggest buffers of the step
     python -m bench.dynamictrl_memory --tiny                   # a tiny config, seconds (for checks)
+    python -m bench.dynamictrl_memory --task train             # the SFT step on 8, 16 and 32 devices
+    python -m bench.dynamictrl_memory --task train --layers 4 --devices 8 --no-flops   # quick: 4 blocks
 
 task "sample" (one device) is what a 24 GB card has to hold while `DynamiCtrlPipeline` runs, at the release's
 README setting: 37 frames at 1360x768 (HxW), CFG batch 2, bf16 weights and activations. Three programs run
@@ -46,7 +48,42 @@ attention writes its results into the carried query blocks): 42.19 GiB before, 1
 
 One line per program:
 task=<sample|sample_t5|sample_vae_decode> devices=1 peak_gib_per_device=<x>   (arguments ..., temporaries ...)
-A `train` task (the SFT step on N devices) belongs in TASKS next to `sample`.
+
+task "train" is the SFT step as train.py compiles it (`Trainer.compile`) for configs/train_dynamictrl.py's
+release recipe: the whole 5.8 B transformer trains (trainable set `transformer`) on fp32 master weights with
+AdamW's two fp32 moments, bf16 compute, "chunked" attention (the config's 512-query blocks), every DiT block
+under "full" remat; one micro-batch (grad_accum_steps 1: the accumulation scan holds one at a time anyway)
+of --batch-per-device clips per device, each the README clip's precomputed batch (latents, image latent,
+pose latents 10 x 170 x 96 x 16 and T5 text 226 x 4096, float32). The layout is the config's sharding
+section: FSDP over all N devices (mesh data=1 fsdp=N tensor=1), every parameter and moment sharded by its
+rules, the batch over (data, fsdp), and the rules passed to the compile, so the blocks' activation
+constraints keep every stream split over the examples and the chunked attention runs per device. Each N
+compiles in its own process with N simulated CPU devices (--xla_force_host_platform_device_count); the
+per-device peak is XLA's compiled memory analysis of that device's program, as above.
+
+What it took to fit (per device, 42 blocks): without activation constraints XLA kept the examples whole
+and split the weights' contracting dimension instead, holding the global batch's feed-forward activation
+on every device (8 x 20,626 x 12,288 float32: 7.6 GiB at 8 devices, for 2 blocks); autodiff of each
+chunked attention's loop started its key / value gradients from zeros that XLA:CPU allocated at the
+program's start, two 0.12 GiB buffers per block (9.9 GiB); and full remat kept every block's control
+stream (20,400 x 3072 bf16, 0.12 GiB a block) beside its video stream, although the control stream depends
+only on the pose tokens and temb: a block now recomputes its control input in the backward pass from the
+stream at the start of its 6-block segment (`models/dynamictrl.py`, `training/remat.py`), 7 kept instead
+of 42, for a few LayerNorms of elementwise work per block. XLA:CPU's YNNPACK library fusions (reductions,
+dots) take their operands as materialised arrays, so each LayerNorm's backward held its per-token
+statistics broadcast to full (tokens x 3072) float32 arrays (4.2 of a 2-block step's 11.3 GiB of
+temporaries); TPU and GPU fusions read them in place, so the train task compiles without them (--ynn keeps
+them). What stays: per block the video+text stream (0.12 GiB), and one block's backward working set (the
+feed-forward's 20,626 x 12,288 hidden layer in bf16 several times over and XLA:CPU's float32 copy of a dot
+operand, the attention's heads, the LayerNorms' float32 statistics): ~6 GiB whatever the depth.
+
+FLOPs (task train): XLA's cost analysis counts a loop body once (the chunked attention's loop), so they
+come from a separate lowering of the same step on one device with "xla" attention and no remat, on
+--batch-per-device clips; the count is of that lowered graph (no compile). Model FLOPs: remat's
+recomputation is not in them, as MFU counts. Per step = per device x N; the v5e line is the step time at
+50 % MFU of a TPU v5e chip (197 TFLOP/s bf16).
+
+task=train devices=<N> peak_gib_per_device=<x> tflops_per_step=<y>   (mesh ..., per device: arguments ...)
 """
 
 from __future__ import annotations
@@ -71,6 +108,10 @@ SAMPLE_TARGET_GIB = 22  # the issue's target for the step: fits a 24 GB card (th
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SAMPLE_PARTS = ("t5", "step", "vae_decode")
 TRAIN_TARGET_GIB = 16  # the issue's target for the SFT step on 32 devices: a TPU v5e chip's HBM
+# XLA:CPU hands reductions and dots to YNNPACK library fusions, whose operands must exist as arrays: the
+# backward of every LayerNorm then holds its per-token statistics broadcast to full (tokens x 3072) float32
+# arrays (4.2 of a 2-block step's 11.3 GiB of temporaries). A TPU's or GPU's fusions read them in place.
+NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 V5E_PEAK_FLOPS, MFU = 197e12, 0.5  # bf16 FLOP/s of one TPU v5e chip; the step time's assumed utilisation
 
 
@@ -475,6 +516,15 @@ def train_setup(
         cfg = CogVideoXConfig.from_diffusers(train_dynamictrl.TINY_TRANSFORMER, compute)
     else:
         cfg = CogVideoXConfig(compute=compute)  # CogVideoX1.5-5B-I2V's sizes, the release's base
+    if size is None:
+        size = (
+            TINY_TRAIN_SIZE if tiny else Size(frames=int(tcfg.frames), height=tcfg.height, width=tcfg.width)
+        )
+    h, w = size.latent
+    if tiny:  # RoPE's "slice" tables span the sample size: a tiny model on larger latents needs it as large
+        cfg = dataclasses.replace(
+            cfg, sample_height=max(h, cfg.sample_height), sample_width=max(w, cfg.sample_width)
+        )
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=layers)
     model = shape_only_model(DynamiCtrlTransformerModel, cfg)
@@ -483,12 +533,7 @@ def train_setup(
     # the trainer's X-Dyna CFG slot (null image tokens) goes unused by DynamiCtrl: a (1, 1) placeholder
     null_tokens = jax.ShapeDtypeStruct((1, 1), jnp.float32)
     state = jax.eval_shape(trainer.init_state, trainable, frozen, null_tokens, jax.random.key(0))
-    if size is None:
-        size = (
-            TINY_TRAIN_SIZE if tiny else Size(frames=int(tcfg.frames), height=tcfg.height, width=tcfg.width)
-        )
     f = latent_frames(size.frames, cfg.patch_size_t or 1)
-    h, w = size.latent
     c = cfg.out_channels
     f32 = jnp.float32
     # the batch as data preparation hands it over (float32 latents and T5 embeddings: 10 + 3.7 MB a clip)
@@ -521,7 +566,7 @@ def _count(tree) -> int:
 
 
 def train_worker(
-    tiny: bool, layers: int | None, batch_per_device: int, fast: bool, dump_to: str | None
+    tiny: bool, layers: int | None, batch_per_device: int, fast: bool, dump_to: str | None, ynn: bool = False
 ) -> dict:
     """Compile the SFT step on every (simulated) device of this process as train.py does (the config's
     sharding section: FSDP over all devices, its rules passed to `Trainer.compile`); per-device memory."""
@@ -537,6 +582,8 @@ def train_worker(
     mesh = mesh_from_config(sharding.mesh)
     rules = rules_from_config(sharding.rules)
     options = dict(FAST_COMPILE) if fast else {}
+    if not ynn:
+        options.update(NO_YNN_FUSIONS)
     if dump_to:
         options.update(xla_dump_to=dump_to, xla_dump_hlo_as_text=True)
     t0 = time.perf_counter()
@@ -614,7 +661,12 @@ def run_train(a) -> None:
         )
     for n in (int(d) for d in a.devices.split(",")):
         dump = os.path.join(a.dump_to, f"train_devices{n}") if a.dump_to else None
-        args = ["train", *common, *(["--full-codegen"] if a.full_codegen else [])]
+        args = [
+            "train",
+            *common,
+            *(["--full-codegen"] if a.full_codegen else []),
+            *(["--ynn"] if a.ynn else []),
+        ]
         r = _spawn_on(n, [*args, *(["--dump-to", dump] if dump else [])])
         mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
         peak = r["peak_bytes"] / GIB
@@ -661,11 +713,14 @@ def main() -> None:
     )
     p.add_argument("--devices", default="8,16,32", help="task train: comma-separated device counts")
     p.add_argument("--batch-per-device", type=int, default=1, help="task train: clips per device")
+    p.add_argument(
+        "--ynn", action="store_true", help="task train: keep XLA:CPU's YNNPACK fusions (see the docstring)"
+    )
     p.add_argument("--no-flops", action="store_true", help="task train: skip the FLOP count")
     p.add_argument("--worker", choices=(*SAMPLE_PARTS, "train", "train_flops"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker == "train":
-        r = train_worker(a.tiny, a.layers, a.batch_per_device, not a.full_codegen, a.dump_to)
+        r = train_worker(a.tiny, a.layers, a.batch_per_device, not a.full_codegen, a.dump_to, a.ynn)
         print(json.dumps(r), flush=True)
         return
     if a.worker == "train_flops":

@@ -23,6 +23,27 @@ from xdyna_jax.nn.bf16_weights import computed_after
 from xdyna_jax.nn.compute import Compute
 from xdyna_jax.nn.layers import linear
 from xdyna_jax.nn.norms import LayerNorm
+from xdyna_jax.sharding import constrain_batch
+
+# Under full remat a block's control input is not kept for the backward pass: it is recomputed from the
+# control stream at the start of its segment of this many blocks (see `DynamiCtrlTransformerModel`), so a
+# 42-block step keeps 7 of the 42 (20,400 x 3072 per clip) control streams, for at most 5 recomputed
+# Pose-adaptive LayerNorms (elementwise work) per block in the backward pass.
+CONTROL_SEGMENT = 6
+
+
+def next_control(c_hat: jax.Array, gate: jax.Array) -> jax.Array:
+    """The control stream a block hands on: c_hat + gate * c_hat, as the release writes it (it rounds
+    differently from (1 + gate) * c_hat in bf16)."""
+    return c_hat + gate * c_hat
+
+
+def control_chain(norms, control: jax.Array, temb: jax.Array) -> jax.Array:
+    """The control stream after the blocks whose `control_norm1`s are `norms` (in order), from `control`:
+    what those blocks hand on, computed without them."""
+    for norm in norms:
+        control = constrain_batch(next_control(*norm(constrain_batch(control), temb)))
+    return control
 
 
 class PoseAdaptiveLayerNorm(nnx.Module):
@@ -54,17 +75,25 @@ class DynamiCtrlBlock(CogVideoXBlock):
         temb: jax.Array,
         control: jax.Array,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        control_source=None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(video, text, control) tokens -> the updated triple."""
+        """(video, text, control) tokens -> the updated triple. `control_source` (segment start's control
+        stream, the control_norm1s of the blocks since) says how `control` can be recomputed; only a
+        block that recomputes its inputs (training/remat.py) reads it."""
+        del control_source
+        # Under a mesh with rules (training), every stream stays split over the examples: by propagation
+        # alone XLA kept the examples whole and split the weights' contracting dimension instead, holding
+        # the whole global batch's 4x-wide feed-forward activation on every device (and all-reducing it).
+        hidden_states, encoder_hidden_states, control = (
+            constrain_batch(a) for a in (hidden_states, encoder_hidden_states, control)
+        )
         # The control stream depends only on the pose and the time embedding; unordered, XLA computes every
         # block's stream up front and holds them all (19.6 GiB of a full-size step's 42 GiB; see
         # bench/dynamictrl_memory.py). Tie each block's to its video input so one exists at a time.
         control = computed_after(control, hidden_states)
         c_hat, gate = self.control_norm1(control, temb)
         x, e = super().__call__(hidden_states, encoder_hidden_states, temb, rope, video_norm_addend=c_hat)
-        # written as the release does (c_hat + gate * c_hat), which rounds differently from (1 + gate) * c_hat
-        # in bf16
-        return x, e, c_hat + gate * c_hat
+        return constrain_batch(x), constrain_batch(e), constrain_batch(next_control(c_hat, gate))
 
 
 class DynamiCtrlTransformerModel(CogVideoXTransformer3DModel):
@@ -111,6 +140,12 @@ class DynamiCtrlTransformerModel(CogVideoXTransformer3DModel):
         )
         pose = jnp.asarray(control_hidden_states, cfg.compute.jnp_dtype)
         c = self.patch_embed.embed_video(jnp.concatenate([pose, pose], axis=-1))
-        for block in self.transformer_blocks:
-            x, e, c = block(x, e, temb, c, rope)
+        blocks = self.transformer_blocks
+        for i, block in enumerate(blocks):
+            if i % CONTROL_SEGMENT == 0:
+                anchor, start = c, i
+            source = {}
+            if getattr(block, "recomputes_control", False):
+                source = {"control_source": (anchor, tuple(blocks[j].control_norm1 for j in range(start, i)))}
+            x, e, c = block(x, e, temb, c, rope, **source)
         return self.output_head(x, temb, jnp.shape(hidden_states))

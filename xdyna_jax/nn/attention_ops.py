@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xdyna_jax.nn.bf16_weights import tied_to
 from xdyna_jax.sharding import per_device
 
 BACKENDS = ("xla", "chunked", "dot_product", "cudnn", "splash")
@@ -105,36 +106,83 @@ def _unfold_heads(x, b, h):
 def _blocked(q, k, v, scale, causal, precision, chunk):
     """One (head, query block) at a time: a chunk x Lk fp32 score block (4 MiB for 512 x 2048) stays in
     cache, which on CPU is 3-6x faster than the full matrix, and memory is O(chunk * Lk), not O(Lq * Lk).
-    The body is checkpointed: its residuals are the loop inputs only, so the backward pass holds one score
-    block at a time (without it the scan's backward keeps every block's scores, O(Lq * Lk) again)."""
+    The backward pass recomputes each block's scores (`_carried_blocks`; under `lax.map` the body is
+    checkpointed): it holds one score block at a time, not every block's (O(Lq * Lk) again)."""
     n, lq, d = q.shape
     n_chunks = -(-lq // chunk)
     pad = n_chunks * chunk - lq
     qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(n * n_chunks, 1, chunk, d)
-    ids = jnp.arange(n * n_chunks)
-
-    @jax.checkpoint
-    def one(args):
-        i, qi = args
-        head = i // n_chunks
-        ki = jax.lax.dynamic_slice_in_dim(k, head, 1)
-        vi = jax.lax.dynamic_slice_in_dim(v, head, 1)
-        return _softmax_attention(qi, ki, vi, scale, causal, precision, q_offset=(i % n_chunks) * chunk)
-
+    static = (scale, causal, precision, chunk, n_chunks)
     if v.shape[-1] != d or v.dtype != q.dtype:
-        out = jax.lax.map(one, (ids, qb))
+        one = jax.checkpoint(lambda args: _attend_block(static, *args, k, v))
+        out = jax.lax.map(one, (jnp.arange(n * n_chunks), qb))
     else:
         # Each result overwrites its own query block in the loop's carry. `lax.map` would stack the
         # results in a fresh buffer whose allocation depends on nothing, so XLA:CPU allocates it at the
         # start of the program: a 42-block DiT then held 41 of those buffers at once (9.8 GiB of a
         # full-size DynamiCtrl step; bench/dynamictrl_memory.py). The carry exists only once q does.
-        def body(i, blocks):
-            blocks_i = jax.lax.dynamic_index_in_dim(blocks, i, keepdims=False)
-            return jax.lax.dynamic_update_index_in_dim(blocks, one((i, blocks_i)), i, 0)
-
-        out = jax.lax.fori_loop(0, n * n_chunks, body, qb)
+        out = _carried_blocks(static, qb, k, v)
     out = out.reshape(n, n_chunks * chunk, v.shape[-1])
     return out[:, :lq]
+
+
+def _attend_block(static, i, qi, k, v):
+    """Query block i (of `static`'s n_chunks per head) against its head's keys and values."""
+    head = i // static[-1]
+    ki = jax.lax.dynamic_slice_in_dim(k, head, 1)
+    vi = jax.lax.dynamic_slice_in_dim(v, head, 1)
+    return _attend_head(static, i, qi, ki, vi)
+
+
+def _attend_head(static, i, qi, ki, vi):
+    scale, causal, precision, chunk, n_chunks = static
+    return _softmax_attention(qi, ki, vi, scale, causal, precision, q_offset=(i % n_chunks) * chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _carried_blocks(static, qb, k, v):
+    """Every query block of qb (n * n_chunks, 1, chunk, d) attended (`_attend_block`), each result written
+    over its own block in a loop's carry (see `_blocked`)."""
+
+    def body(i, blocks):
+        blocks_i = jax.lax.dynamic_index_in_dim(blocks, i, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(blocks, _attend_block(static, i, blocks_i, k, v), i, 0)
+
+    return jax.lax.fori_loop(0, qb.shape[0], body, qb)
+
+
+def _carried_blocks_fwd(static, qb, k, v):
+    return _carried_blocks(static, qb, k, v), (qb, k, v)
+
+
+def _carried_blocks_bwd(static, residuals, g):
+    """The loop's transpose written out: block i's VJP (its scores recomputed, one block at a time)
+    adds its key / value cotangents into its head's rows. Autodiff of the loop starts dk and dv from
+    zeros that depend on nothing, which XLA:CPU allocates at the program's start, a pair per attention:
+    84 heads x tokens x 64 buffers at once in a 42-block DiT's backward (9.9 GiB per device at full
+    size, bench/dynamictrl_memory.py). Here the zeros are tied to the cotangent, so a pair exists only
+    while its own attention's backward runs. The sums are autodiff's, in the same (block) order."""
+    qb, k, v = residuals
+    n_chunks = static[-1]
+    anchor = g.reshape(-1)[:1]
+    zeros = lambda x: tied_to(jnp.zeros_like(x), anchor)  # noqa: E731
+
+    def body(i, carry):
+        dq, dk, dv = carry
+        head = i // n_chunks
+        row = lambda a: jax.lax.dynamic_slice_in_dim(a, head, 1)  # noqa: E731
+        qi = jax.lax.dynamic_index_in_dim(qb, i, keepdims=False)
+        _, vjp = jax.vjp(lambda qi, ki, vi: _attend_head(static, i, qi, ki, vi), qi, row(k), row(v))
+        dqi, dki, dvi = vjp(jax.lax.dynamic_index_in_dim(g, i, keepdims=False))
+        dq = jax.lax.dynamic_update_index_in_dim(dq, dqi, i, 0)
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, row(dk) + dki, head, 0)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, row(dv) + dvi, head, 0)
+        return dq, dk, dv
+
+    return jax.lax.fori_loop(0, qb.shape[0], body, (zeros(qb), zeros(k), zeros(v)))
+
+
+_carried_blocks.defvjp(_carried_blocks_fwd, _carried_blocks_bwd)
 
 
 def _blocked_bhld(q, k, v, scale, causal, precision, chunk):

@@ -18,6 +18,9 @@ layer's activations are live at a time; layers under "full" inside blocks under 
 per-layer checkpointing (every layer input kept, each layer recomputed once). At 896x512 x 17 frames a
 top-level block's activations alone exceed a 16 GiB device; one layer's do not.
 
+A DynamiCtrl block under "full" does not keep its control-stream input either: the backward pass
+recomputes it from the stream at the start of its segment of blocks (`_full_remat_dynamictrl_call`).
+
 `apply_remat(model, {"down_blocks": "dots", "mid_block": "none", "up_blocks": "full"})` changes the class of
 every such block (or layer) of every network in `model` to a subclass whose call runs under
 `jax.checkpoint`, so the parameter paths, and with them bundles, trainable sets and shardings, stay as they
@@ -30,12 +33,14 @@ import functools
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from xdyna_jax.models.cogvideox import CogVideoXBlock
 from xdyna_jax.models.controlnet import ControlNetConditioningEmbedding
-from xdyna_jax.models.dynamictrl import DynamiCtrlBlock
+from xdyna_jax.models.dynamictrl import DynamiCtrlBlock, control_chain
 from xdyna_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
+from xdyna_jax.nn.bf16_weights import tied_to
 from xdyna_jax.nn.motion import VanillaTemporalModule
 from xdyna_jax.nn.recompute import recompute_in_backward
 from xdyna_jax.nn.resnet import ResnetBlock2D
@@ -99,13 +104,67 @@ def _checkpointed_call(base: type, policy_name: str):
     return __call__
 
 
+def _tie_floats(tree, anchor):
+    return jax.tree_util.tree_map(
+        lambda x: tied_to(x, anchor) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _full_remat_dynamictrl_call(
+    self, hidden_states, encoder_hidden_states, temb, control, rope=None, control_source=None
+):
+    """A DynamiCtrl block under "full" that keeps neither its activations nor its control input: the
+    backward pass recomputes the control stream from `control_source` (the stream at its segment's start
+    and the Pose-adaptive LayerNorms of the blocks since; `DynamiCtrlTransformerModel` passes it), then
+    the block. The video and text inputs are kept, as under plain "full".
+
+    The control stream depends only on the pose tokens and temb, so the recomputation is a few
+    LayerNorms and elementwise ops; keeping it would cost one (tokens x width) array per block, as much
+    as the video stream (35 x 0.12 GiB per device of a full-size step: bench/dynamictrl_memory.py). The block's output does not depend
+    on the source given `control`, so the source's cotangent is zero and the control's cotangent flows
+    back through the blocks as without remat: the gradients are the same."""
+    if control_source is None:
+        return _PLAIN_FULL_CALL(self, hidden_states, encoder_hidden_states, temb, control, rope)
+    graphdef, state = nnx.split(self)
+    anchor_control, norms = control_source
+    norm_parts = [nnx.split(norm) for norm in norms]
+    norm_graphs = [g for g, _ in norm_parts]
+
+    def run(state, x, e, temb, control, rope):
+        return DynamiCtrlBlock.__call__(nnx.merge(graphdef, state), x, e, temb, control, rope)
+
+    @jax.custom_vjp
+    def call(state, x, e, temb, control, rope, source):
+        return run(state, x, e, temb, control, rope)
+
+    def forward(state, x, e, temb, control, rope, source):
+        return run(state, x, e, temb, control, rope), (state, x, e, temb, rope, source)
+
+    def backward(residuals, cotangent):
+        anchor = next(x for x in jax.tree_util.tree_leaves(cotangent) if x.size)
+        # tied to the cotangent: the recomputation waits for the backward pass (nn/recompute.py)
+        state, x, e, temb, rope, (norm_states, start) = _tie_floats(residuals, anchor)
+        norms = [nnx.merge(g, s) for g, s in zip(norm_graphs, norm_states, strict=True)]
+        control = control_chain(norms, start, temb)
+        _, vjp = jax.vjp(run, state, x, e, temb, control, rope)
+        return (*vjp(cotangent), None)
+
+    call.defvjp(forward, backward)
+    source = ([s for _, s in norm_parts], anchor_control)
+    return call(state, hidden_states, encoder_hidden_states, temb, control, rope, source)
+
+
+# a DynamiCtrl block called without a control source (on its own) recomputes as any block under "full"
+_PLAIN_FULL_CALL = _checkpointed_call(DynamiCtrlBlock, "full")
+
+
 def _subclass(base: type, policy_name: str) -> type:
     key = (base, policy_name)
     if key not in _SUBCLASSES:
-        call = _checkpointed_call(base, policy_name)
-        _SUBCLASSES[key] = type(
-            f"{policy_name.capitalize()}Remat{base.__name__}", (base,), {"__call__": call}
-        )
+        attrs = {"__call__": _checkpointed_call(base, policy_name)}
+        if base is DynamiCtrlBlock and policy_name == "full":
+            attrs = {"__call__": _full_remat_dynamictrl_call, "recomputes_control": True}
+        _SUBCLASSES[key] = type(f"{policy_name.capitalize()}Remat{base.__name__}", (base,), attrs)
     return _SUBCLASSES[key]
 
 
