@@ -117,6 +117,8 @@ def _restore(output, step=None):
     return state
 
 
+# ~2 min of subprocess runs: CI measured 19 m 57 s with it (the limit is 20), so it runs with make test-slow
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_bit_identical_and_sigterm_saves_first(files, tmp_path, compile_cache):
     run = tmp_path / "interrupted"
     proc = _start(files, run, compile_cache)  # 1000 steps: it is stopped long before
