@@ -42,3 +42,24 @@ def time_jitted(fwd, params, inputs: tuple, repeats: int) -> tuple[list[float], 
         result["y"] = compiled(params, *inputs).block_until_ready()
 
     return time_calls(run, repeats), compile_s, compiled, result["y"]
+
+
+def compile_sharded_step(trainer, state, batch, sharding, options: dict):
+    """`trainer.compile` on the mesh of a config's `sharding` section, parameters and batch placed by its
+    rules, as train.py compiles its step; returns (compiled step, compile seconds)."""
+    from xdyna_jax.sharding import mesh_from_config, param_shardings, rules_from_config
+    from xdyna_jax.training.batch import batch_sharding
+
+    mesh = mesh_from_config(sharding.mesh)
+    rules = rules_from_config(sharding.rules)
+    t0 = time.perf_counter()
+    compiled = trainer.compile(
+        state,
+        batch,
+        mesh,
+        param_shardings=lambda tree: param_shardings(tree, mesh, rules),
+        batch_sharding=batch_sharding,
+        rules=rules,
+        compiler_options=options,
+    )
+    return compiled, time.perf_counter() - t0, mesh

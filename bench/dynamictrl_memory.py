@@ -572,37 +572,25 @@ def train_worker(
     sharding section: FSDP over all devices, its rules passed to `Trainer.compile`); per-device memory."""
     import jax
 
+    from bench.common import compile_sharded_step
     from configs import train_dynamictrl
-    from xdyna_jax.sharding import mesh_from_config, param_shardings, rules_from_config
-    from xdyna_jax.training.batch import batch_sharding
 
     n_dev = jax.device_count()
     trainer, state, batch, info = train_setup(tiny=tiny, batch=n_dev * batch_per_device, layers=layers)
     sharding = train_dynamictrl.get_config("release").sharding
-    mesh = mesh_from_config(sharding.mesh)
-    rules = rules_from_config(sharding.rules)
     options = dict(FAST_COMPILE) if fast else {}
     if not ynn:
         options.update(NO_YNN_FUSIONS)
     if dump_to:
         options.update(xla_dump_to=dump_to, xla_dump_hlo_as_text=True)
-    t0 = time.perf_counter()
-    compiled = trainer.compile(
-        state,
-        batch,
-        mesh,
-        param_shardings=lambda tree: param_shardings(tree, mesh, rules),
-        batch_sharding=batch_sharding,
-        rules=rules,
-        compiler_options=options,
-    )
+    compiled, compile_s, mesh = compile_sharded_step(trainer, state, batch, sharding, options)
     r = {
         **{f"{k}_bytes": v for k, v in compiled.memory.items()},
         **info,
         "mesh": dict(mesh.shape),
         "trainable_params": _count(state.trainable),
         "state_bytes": _param_bytes(state),
-        "compile_s": time.perf_counter() - t0,
+        "compile_s": compile_s,
         "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     if dump_to:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 GIB = 2**30
 V5E_PEAK_FLOPS = 197e12  # bf16 FLOP/s of one TPU v5e chip
@@ -132,9 +131,8 @@ def memory_worker(tiny: bool, remat: str, batch_per_device: int, dump_to: str | 
     """Compile the sharded step on every (simulated) device of this process; its per-device memory."""
     import jax
 
+    from bench.common import compile_sharded_step
     from configs.train_xdyna import get_config as train_config
-    from xdyna_jax.sharding import mesh_from_config, param_shardings, rules_from_config
-    from xdyna_jax.training.batch import batch_sharding
 
     n_dev = jax.device_count()
     block, _, layer = remat.partition("/")
@@ -146,22 +144,10 @@ def memory_worker(tiny: bool, remat: str, batch_per_device: int, dump_to: str | 
         batch=n_dev * batch_per_device,
     )
     sharding = train_config("stage1").sharding
-    mesh = mesh_from_config(sharding.mesh)
-    rules = rules_from_config(sharding.rules)
     options = dict(FAST_COMPILE) if fast else {}
     if dump_to:
         options.update(xla_dump_to=dump_to, xla_dump_hlo_as_text=True)
-    t0 = time.perf_counter()
-    compiled = trainer.compile(
-        state,
-        batch,
-        mesh,
-        param_shardings=lambda tree: param_shardings(tree, mesh, rules),
-        batch_sharding=batch_sharding,
-        rules=rules,
-        compiler_options=options,
-    )
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s, mesh = compile_sharded_step(trainer, state, batch, sharding, options)
     return {
         **{f"{k}_bytes": v for k, v in compiled.memory.items()},
         "mesh": dict(mesh.shape),
