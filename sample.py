@@ -50,13 +50,13 @@ log = logging.getLogger("sample")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # The release saves at 15 fps whatever the driving video's rate; we use it when the source records none.
 DEFAULT_FPS = 15.0
+# The release's context windows (--window / --overlap change them, e.g. for a model trained on shorter clips).
+WINDOW, OVERLAP = 16, 4
 # Options whose defaults depend on the pipeline (the DynamiCtrl ones live in sampling/dynamictrl_cli.py).
-XDYNA_DEFAULTS = dict(guidance=7.5, height=896, width=512, dtype="fp32")
+XDYNA_DEFAULTS = dict(guidance=7.5, height=896, width=512, dtype="fp32", window=WINDOW, overlap=OVERLAP)
 # flags only DynamiCtrl reads
 DYNAMICTRL_ONLY = ("prompt", "negative_prompt", "reference_mask")
 SAMPLED_KINDS = ("xdyna", "dynamictrl")
-# The release's context windows.
-WINDOW, OVERLAP = 16, 4
 
 
 class UsageError(ValueError):
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="output height (X-Dyna 896, DynamiCtrl 1360)")
     p.add_argument("--width", type=int, help="output width (X-Dyna 512, DynamiCtrl 768)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (X-Dyna fp32, DynamiCtrl bf16)")
+    p.add_argument("--window", type=int, help=f"X-Dyna: driven frames per context window (default {WINDOW})")
+    p.add_argument("--overlap", type=int, help=f"X-Dyna: frames two windows share (default {OVERLAP})")
     p.add_argument(
         "--window-batch", type=int, help="context windows per compiled call (default: the device count)"
     )
@@ -193,6 +195,8 @@ def resolve_kind(args) -> str:
 def _check_options(args) -> None:
     """Checks that need no file: cheap, so they come first."""
     positive = {"--stride": args.stride, "--steps": args.steps}
+    if args.window is not None:
+        positive["--window"] = args.window
     if args.frames is not None:
         positive["--frames"] = args.frames
     if args.window_batch is not None:
@@ -202,6 +206,8 @@ def _check_options(args) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.overlap is not None and not 0 <= args.overlap < args.window:
+        raise UsageError(f"--overlap must be >= 0 and below --window {args.window}, got {args.overlap}")
     if args.fps is not None and not args.fps > 0:
         raise UsageError(f"--fps must be positive, got {args.fps}")
     if args.height < 1 or args.width < 1:
@@ -443,13 +449,13 @@ def run(args) -> int:
         "%d frames at %g fps (%.2f s of video), %dx%d, %d steps, guidance %g, seed %d",
         n, fps, n / fps, args.height, args.width, args.steps, args.guidance, args.seed,
     )  # fmt: skip
-    total = num_window_calls(n, args.steps, WINDOW, OVERLAP, window_batch)
+    total = num_window_calls(n, args.steps, args.window, args.overlap, window_batch)
     start = time.perf_counter()
     with tqdm(total=total, desc="denoising", unit="call", file=sys.stderr) as bar:
         frames = pipe(
             reference, poses, faces, num_frames=n, steps=args.steps, guidance=args.guidance,
-            seed=args.seed, height=args.height, width=args.width, window=WINDOW, overlap=OVERLAP,
-            window_batch=window_batch, mesh=mesh, progress=bar.update,
+            seed=args.seed, height=args.height, width=args.width, window=args.window,
+            overlap=args.overlap, window_batch=window_batch, mesh=mesh, progress=bar.update,
         )  # fmt: skip
     log.info("sampled in %.1f s", time.perf_counter() - start)
     grid = grid_frames(poses, local, glob, frames) if args.grid else None

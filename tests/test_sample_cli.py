@@ -76,6 +76,26 @@ def test_video_has_the_frames_size_and_fps_and_the_seed_fixes_it(files, tmp_path
     assert len(pngs) == 3 and np.abs(np.stack(pngs).astype(int) - video).mean() < 32
 
 
+def test_window_and_overlap_reach_the_pipeline(files, tmp_path, monkeypatch):
+    """A model trained on short clips samples with its own window: --window/--overlap set the schedule (the
+    schedule itself is tested in test_windows.py; here the call stands in for the pipeline)."""
+    from xdyna_jax.sampling.xdyna import XDynaPipeline
+
+    seen = []
+
+    def stand_in(self, reference, poses, faces, *, num_frames, window, overlap, **kwargs):
+        seen.append((window, overlap))
+        return np.zeros((num_frames, H, W, 3), np.uint8)
+
+    monkeypatch.setattr(XDynaPipeline, "__call__", stand_in)
+    assert sample.main(argv(files, tmp_path / "a.mp4", "--frames", "4")) == 0
+    assert (
+        sample.main(argv(files, tmp_path / "b.mp4", "--frames", "4", "--window", "2", "--overlap", "1")) == 0
+    )
+    assert seen == [(16, 4), (2, 1)]
+    assert read_video(tmp_path / "b.mp4")[0].shape == (4, H, W, 3)
+
+
 def test_fps_is_the_sources_over_the_stride_else_15_unless_given(files, tmp_path):
     fps = lambda *extra: sample.prepare(sample.build_parser().parse_args(argv(files, "o.mp4", *extra)))[-1]
     assert fps("--fps", "12") == 12.0
@@ -90,6 +110,8 @@ def test_fps_is_the_sources_over_the_stride_else_15_unless_given(files, tmp_path
         (dict(pose="empty.mp4"), "empty.mp4: "),
         (["--frames", "5"], "has 4 frames at stride 2; --frames asks for 5"),
         (["--frames", "0"], "--frames must be >= 1"),
+        (["--window", "0"], "--window must be >= 1"),
+        (["--window", "4", "--overlap", "4"], "--overlap must be >= 0 and below --window 4, got 4"),
         (["--height", "26"], "multiples of 4, got 26x16"),
         (
             dict(model="no_face", extra=["--face", "face.mp4", "--landmarks", "landmarks.npy"]),

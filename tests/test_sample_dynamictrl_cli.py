@@ -177,6 +177,7 @@ def test_each_kind_gets_its_defaults_and_given_flags_stay(files):
         (["--reference-mask", "small_mask.png"], r"small_mask.png is 20x23 but the reference is 37x23"),
         (["--face", "pose.mp4"], "--face is an X-Dyna option, but --model .* is a DynamiCtrl pipeline"),
         (["--window-batch", "2"], "--window-batch is an X-Dyna option"),
+        (["--window", "8"], "--window is an X-Dyna option"),
         (["--model", "xdyna"], "--prompt is a DynamiCtrl option, but --model .*xdyna is an X-Dyna pipeline"),
         (
             ["--pose", "kps.npy"],

@@ -41,7 +41,16 @@ log = logging.getLogger("sample")
 DEFAULT_FPS = 16.0
 DEFAULTS = dict(guidance=3.0, height=1360, width=768, dtype="bf16")
 # flags only X-Dyna reads: given with a DynamiCtrl bundle they stop the run
-XDYNA_ONLY = ("face", "landmarks", "align_pose", "align_method", "window_batch", "devices")
+XDYNA_ONLY = (
+    "face",
+    "landmarks",
+    "align_pose",
+    "align_method",
+    "window",
+    "overlap",
+    "window_batch",
+    "devices",
+)
 # what --reference-mask keeps: pixels whose every channel is above this
 MASK_THRESHOLD = 200
 
