@@ -1,13 +1,15 @@
 """The synthetic-world X-Dyna: every part of the paper's model at a size a 2-core CPU trains from scratch in
 half an hour (python -m xdyna_jax.training.scratch builds it; docs/synthetic.md trains it).
 
-Frames of 96 x 64 pixels (portrait, the world's aspect) give 12 x 8 latents through a VAE that downscales 8x
-as SD's does (four encoder blocks); the UNet halves them twice (12 x 8 -> 6 x 4 -> 3 x 2). Every part is
+Frames of 96 x 64 pixels (portrait, the world's aspect) give 24 x 16 latents through a VAE that downscales 4x
+(three encoder blocks; SD's 8x leaves a limb of these frames, 4 pixels wide, under one latent pixel, and a
+VAE of this size trained for minutes then loses the palette colours); the UNet halves them twice
+(24 x 16 -> 12 x 8 -> 6 x 4). Every part is
 present: the video UNet with the Dynamics-Adapter, IP-Adapter tokens and motion modules (positional
 encoding 24, GroupNorm over frames, the reference frame skipped: the paper's settings), pose (3-channel)
 and S-Face (6-channel) ControlNets on the UNet's encoder, a CLIP-style image encoder with a Resampler for
 the IP tokens, and a CLIP text encoder whose tokenizer we train ourselves (xdyna_jax/training/vocab.py).
-`python -m xdyna_jax.training.scratch` prints how many numbers that is (4,608,035: 17.6 MiB in fp32).
+`python -m xdyna_jax.training.scratch` prints how many numbers that is (4,547,507: 17.3 MiB in fp32).
 
 `get_config("ci")` is the same structure at test size (32 x 32 frames, a VAE that downscales 2x, one UNet
 block with attention in the mid block only, no S-Face ControlNet: a stage-2 run adds one):
@@ -47,7 +49,7 @@ def get_config(size: str = "demo") -> ml_collections.ConfigDict:
     cfg.model.unet = dict(
         encoder,
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        sample_size=12,
+        sample_size=24,
         dynamics_adapter=True,
         ip_adapter_tokens=4,
         motion_modules=True,
@@ -58,9 +60,9 @@ def get_config(size: str = "demo") -> ml_collections.ConfigDict:
         skip_reference_frame=True,
     )
     cfg.model.vae = dict(
-        block_out_channels=(16, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,
         norm_num_groups=8,
         latent_channels=4,
@@ -68,7 +70,7 @@ def get_config(size: str = "demo") -> ml_collections.ConfigDict:
         # SD's value until the VAE stage measures its own (xdyna_jax/training/vae_stage.py)
         scaling_factor=0.18215,
     )
-    controlnet = dict(encoder, conditioning_embedding_out_channels=(8, 16, 32, 32))  # 8x, as SD's
+    controlnet = dict(encoder, conditioning_embedding_out_channels=(8, 16, 32))  # 4x, as the VAE
     cfg.model.controlnet_pose = dict(controlnet, conditioning_channels=3)
     cfg.model.controlnet_face = dict(controlnet, conditioning_channels=6)
     cfg.model.image_encoder = dict(

@@ -71,6 +71,11 @@ def random_torch_state(model_cls, config, seed: int = 0) -> dict[str, np.ndarray
     return out
 
 
+# XLA:CPU options for programs that run once or a few times on tiny arrays, where compiling is the cost:
+# as a jit's compiler_options, and as train.py --set overrides
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE_SETS = [f"compiler_options.{k}={v}" for k, v in FAST_COMPILE.items()]
+
 # The small two-block UNet most tests use (diffusers' own unit-test shape, cross-attention width 16).
 TINY_UNET = dict(
     block_out_channels=(32, 64),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracle import FAST_COMPILE_SETS as FAST_COMPILE
 from oracle import standing_pose
 from oracle_dynamictrl_release import write_release
 
@@ -34,8 +35,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:Runtime
 H = W = 32  # the tiny VAE's 4x: latents 8 x 8, i.e. 4 x 4 video tokens per latent frame pair
 FRAMES, VIDEO_FRAMES = 5, 8  # clips of 5 frames (2 latent frames) from 8-frame videos
 CAPTIONS = {"alice": "a woman in a red dress dances", "bob": "a man waves on a beach"}
-FAST_COMPILE = ["compiler_options.xla_backend_optimization_level=0",
-                "compiler_options.xla_llvm_disable_expensive_passes=True"]  # fmt: skip
 
 
 def smooth_video(n, h, w, seed):

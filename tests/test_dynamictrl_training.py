@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from oracle import rel_err
+from oracle import FAST_COMPILE, rel_err
 from oracle_cogvideox import TINY_COGVIDEOX_10_I2V, TINY_COGVIDEOX_15
 
 from configs import train_dynamictrl
@@ -32,7 +32,6 @@ from xdyna_jax.training.remat import apply_remat
 from xdyna_jax.training.step import StepConfig, Trainer, step_key
 from xdyna_jax.training.trainable import trainable_paths
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 COMPUTE = Compute(precision="highest", attention="xla")
 B, F, HW, C = 8, 2, 8, 4  # latents (B, F', h, w, C): 1 x 4 x 4 video tokens in the tiny 1.5 config
 TEXT = (TINY_COGVIDEOX_15["max_text_seq_length"], TINY_COGVIDEOX_15["text_embed_dim"])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracle import FAST_COMPILE_SETS as FAST_COMPILE
 from oracle import assert_placed_by_rules, one_block_xdyna, save_xdyna_folder, tensorboard_images
 
 import sample
@@ -36,8 +37,6 @@ from xdyna_jax.training.step import StepConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8  # frames; the one-block VAE keeps the resolution (latents 8 x 8)
-FAST_COMPILE = ["compiler_options.xla_backend_optimization_level=0",
-                "compiler_options.xla_llvm_disable_expensive_passes=True"]  # fmt: skip
 NO_LAYER_REMAT = [f"step.remat.{layer}=none" for layer in LAYERS]  # tiny model: no recomputation
 OVERRIDES = [
     f"height={H}", f"width={W}", "frames=2", "batch_size=2", "compute.dtype=float32",

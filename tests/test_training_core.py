@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from oracle import TINY_UNET, random_torch_state, rel_err
+from oracle import FAST_COMPILE, TINY_UNET, random_torch_state, rel_err
 
 from configs import train_xdyna
 from configs.sharding import sharding_section
@@ -25,7 +25,6 @@ from xdyna_jax.training.step import StepConfig, Trainer, step_key
 from xdyna_jax.training.trainable import TrainableSetError, trainable_filter, trainable_paths
 
 # XLA's cheapest CPU pipeline: the same fp32 numbers, about half the compile time of these small steps.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 COMPUTE = Compute(precision="highest", attention="xla")
 # One resolution, attention only in the mid block: the smallest UNet with every X-Dyna part.
 ENCODER = dict(

@@ -16,9 +16,11 @@ in [-1, 1] are encoded, one latent drawn from each posterior with the step's key
 
     loss = mean |x_hat - x| + vae_kl_weight * mean KL(N(mu, sigma^2) || N(0, 1))
 
-with both means per element (pixels, latent entries). L1 rather than MSE keeps edges sharper (the
-reconstruction term of SD's autoencoder, without its perceptual and adversarial terms, which need
-pretrained networks); the small KL weight only keeps the latents from drifting far from unit scale, the
+with both means per element (pixels, latent entries), or the squared error with `vae_reconstruction="mse"`.
+L1 (the reconstruction term of SD's autoencoder, without its perceptual and adversarial terms, which need
+pretrained networks) keeps edges sharper once a VAE is trained; MSE's gradients grow with the error, so a
+small VAE trained for minutes learns every colour axis instead of brightness first (the synthetic recipe's
+choice, configs/train_xdyna.py). The small KL weight only keeps the latents from drifting far from unit scale, the
 diffusion model reads them through the scaling factor measured after training (training/vae_stage.py).
 """
 
