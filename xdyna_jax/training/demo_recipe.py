@@ -13,13 +13,18 @@ Under --out:
   runs/vae, runs/denoiser, runs/stage2   the train.py runs (checkpoints, tensorboard, bundle), and
                     runs/<stage>.log their console output
   xdyna_synthetic/  the trained pipeline bundle (stage 2's), what sample.py loads
+  demo_inputs/      what `make demo` animates (held out: an identity and a dance never trained on):
+                    reference.png (the identity's own photo), driving_pose.npy, driving.mp4 (the dance, for
+                    the S-Face maps; also the self-reenactment target), driving_landmarks.npy,
+                    palette.json (the identity's limb colours, for `python -m xdyna_jax.eval`)
   recipe.json       the commands' settings, each stage's wall time, steps and measured seconds per step
 
 Stages (configs/train_xdyna.py): `synthetic_vae` trains the VAE alone on frames and measures its latent
 scale; `synthetic` trains every parameter of the denoiser (UNet with adapter, IP-Adapter projections and
 motion modules, both ControlNets): from scratch there is no SD 1.5 to freeze, so this one stage is SD's
-pretraining and the paper's stage 1 together; `synthetic_stage2` then trains the S-Face ControlNet alone,
-as the paper's stage 2. Every stage validates on the held-out dataset before its first and after its last
+pretraining and the paper's stage 1 together (the S-Face ControlNet included); `synthetic_stage2`, with
+--stage2-steps N > 0, then trains the S-Face ControlNet alone, as the paper's stage 2 (the shipped model has
+none: 0 by default, for the time budget). Every stage validates on the held-out dataset before its first and after its last
 step.
 """
 
@@ -39,9 +44,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = ROOT / "configs" / "train_xdyna.py"
 # (name, config of configs/train_xdyna.py, steps of the full recipe)
-STAGES = (("vae", "synthetic_vae", 500), ("denoiser", "synthetic", 800), ("stage2", "synthetic_stage2", 200))
+# A stage of 0 steps is skipped: the shipped model has no separate stage 2 (the denoiser stage trains the S-Face
+# ControlNet with everything else; --stage2-steps N adds the paper's stage 2 on top).
+STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 350), ("stage2", "synthetic_stage2", 0))
 QUICK_STEPS = 4
 BUNDLE = "xdyna_synthetic"
+DEMO_INPUTS = "demo_inputs"
 MAX_BUNDLE_BYTES = 20_000_000
 
 
@@ -73,6 +81,23 @@ def seconds_per_step(log_file: Path) -> float | None:
     compiles, validation and saves excluded), as seconds per step."""
     rates = [float(r) for r in re.findall(r"steps_per_s=([0-9.eE+-]+)", log_file.read_text(errors="replace"))]
     return round(float(1.0 / np.median(rates)), 3) if rates else None
+
+
+def write_demo_inputs(heldout: Path, dest: Path) -> dict:
+    """The held-out world's first clip as `make demo`'s inputs in `dest` (the module docstring's names)."""
+    world = json.loads((heldout / "world.json").read_text())
+    clip = world["clips"][0]
+    stem, identity = clip["stem"], f"id{clip['identity']:06d}"
+    dest.mkdir(parents=True)
+    for source, name in (
+        (heldout / "references" / f"{identity}.png", "reference.png"),
+        (heldout / "poses" / f"{stem}.npy", "driving_pose.npy"),
+        (heldout / "videos" / f"{stem}.mp4", "driving.mp4"),
+        (heldout / "faces" / f"{stem}.npy", "driving_landmarks.npy"),
+        (heldout / "palettes" / f"{stem}.json", "palette.json"),
+    ):
+        shutil.copyfile(source, dest / name)
+    return {"clip": stem, "identity": identity, "height": world["height"], "width": world["width"]}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -147,6 +172,8 @@ def run_recipe(
     for name, config, _ in STAGES:
         run = out / "runs" / name
         n = int(steps[name])
+        if n == 0:
+            continue
         argv = ["--config", f"{TRAIN_CONFIG}:{config}", "--init", f"xdyna={init}", "--data",
                 str(out / "data" / "human"), "--val-data", str(out / "data" / "heldout"), "--output", str(run),
                 "--steps", str(n), "--set", f"train.val_every={n}", "--set", f"seed={seed}"]  # fmt: skip
@@ -161,6 +188,7 @@ def run_recipe(
         init = run / "bundle"
     bundle = out / BUNDLE
     shutil.copytree(init, bundle)
+    record["demo_inputs"] = write_demo_inputs(out / "heldout", out / DEMO_INPUTS)
     record["bundle"] = {"path": str(bundle), "bytes": folder_bytes(bundle)}
     if record["bundle"]["bytes"] > MAX_BUNDLE_BYTES:
         log(f"[recipe] warning: {bundle} is {record['bundle']['bytes'] / 1e6:.1f} MB (> 20 MB)")
