@@ -22,9 +22,8 @@ Under --out:
 Stages (configs/train_xdyna.py): `synthetic_vae` trains the VAE alone on frames and measures its latent
 scale; `synthetic` trains every parameter of the denoiser (UNet with adapter, IP-Adapter projections and
 motion modules, both ControlNets): from scratch there is no SD 1.5 to freeze, so this one stage is SD's
-pretraining and the paper's stage 1 together (the S-Face ControlNet included); `synthetic_stage2`, with
---stage2-steps N > 0, then trains the S-Face ControlNet alone, as the paper's stage 2 (the shipped model has
-none: 0 by default, for the time budget). Every stage validates on the held-out dataset before its first and after its last
+pretraining and the paper's stage 1 together (the S-Face ControlNet included); `synthetic_stage2` then
+trains the S-Face ControlNet alone, as the paper's stage 2 (--stage2-steps 0 skips it). Every stage validates on the held-out dataset before its first and after its last
 step.
 """
 
@@ -44,9 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = ROOT / "configs" / "train_xdyna.py"
 # (name, config of configs/train_xdyna.py, steps of the full recipe)
-# A stage of 0 steps is skipped: the shipped model has no separate stage 2 (the denoiser stage trains the S-Face
-# ControlNet with everything else; --stage2-steps N adds the paper's stage 2 on top).
-STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 350), ("stage2", "synthetic_stage2", 0))
+# A stage of 0 steps is skipped (--stage2-steps 0: the denoiser stage alone trains the S-Face ControlNet too).
+STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 800), ("stage2", "synthetic_stage2", 200))
 QUICK_STEPS = 4
 BUNDLE = "xdyna_synthetic"
 DEMO_INPUTS = "demo_inputs"
