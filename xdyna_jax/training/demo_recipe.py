@@ -13,7 +13,7 @@ Under --out:
   runs/vae, runs/denoiser, runs/stage2   the train.py runs (checkpoints, tensorboard, bundle), and
                     runs/<stage>.log their console output
   xdyna_synthetic/  the trained pipeline bundle (stage 2's), what sample.py loads
-  demo_inputs/      what `make demo` animates (held out: an identity and a dance never trained on):
+  demo_inputs/      the demo's inputs (held out: an identity and a dance never trained on):
                     reference.png (the identity's own photo), driving_pose.npy, driving.mp4 (the dance, for
                     the S-Face maps; also the self-reenactment target), driving_landmarks.npy,
                     palette.json (the identity's limb colours, for `python -m xdyna_jax.eval`)
@@ -23,8 +23,8 @@ Stages (configs/train_xdyna.py): `synthetic_vae` trains the VAE alone on frames 
 scale; `synthetic` trains every parameter of the denoiser (UNet with adapter, IP-Adapter projections and
 motion modules, both ControlNets): from scratch there is no SD 1.5 to freeze, so this one stage is SD's
 pretraining and the paper's stage 1 together (the S-Face ControlNet included); `synthetic_stage2` then
-trains the S-Face ControlNet alone, as the paper's stage 2 (--stage2-steps 0 skips it). Every stage validates on the held-out dataset before its first and after its last
-step.
+trains the S-Face ControlNet alone, as the paper's stage 2 (--stage2-steps 0 skips it). Every stage
+validates on the held-out dataset before its first and after its last step.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def seconds_per_step(log_file: Path) -> float | None:
 
 
 def write_demo_inputs(heldout: Path, dest: Path) -> dict:
-    """The held-out world's first clip as `make demo`'s inputs in `dest` (the module docstring's names)."""
+    """The held-out world's first clip as the demo's inputs in `dest` (the module docstring's names)."""
     world = json.loads((heldout / "world.json").read_text())
     clip = world["clips"][0]
     stem, identity = clip["stem"], f"id{clip['identity']:06d}"

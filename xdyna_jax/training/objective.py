@@ -20,8 +20,9 @@ with both means per element (pixels, latent entries), or the squared error with 
 L1 (the reconstruction term of SD's autoencoder, without its perceptual and adversarial terms, which need
 pretrained networks) keeps edges sharper once a VAE is trained; MSE's gradients grow with the error, so a
 small VAE trained for minutes learns every colour axis instead of brightness first (the synthetic recipe's
-choice, configs/train_xdyna.py). The small KL weight only keeps the latents from drifting far from unit scale, the
-diffusion model reads them through the scaling factor measured after training (training/vae_stage.py).
+choice, configs/train_xdyna.py). The small KL weight only keeps the latents from drifting far from unit
+scale, the diffusion model reads them through the scaling factor measured after training
+(training/vae_stage.py).
 """
 
 from __future__ import annotations
