@@ -9,7 +9,7 @@ writes them to DIR/heldout): the clip's last frame is the reference photo, its f
 target, and their keypoints and face landmarks drive `sample.py` (pose and S-Face ControlNets). Each result
 is scored by `python -m xdyna_jax.eval` against the target with the clip's palette; the table is the mean
 over the clips, then the ground truth's own scores (the limb finder run on the target itself). Every
-sampling setting is the demo's (`make demo`): 96 x 64, 25 DDIM steps, guidance 1.5, windows of 8 with
+sampling setting is the one planned for the demo: 96 x 64, 25 DDIM steps, guidance 1.5, windows of 8 with
 overlap 2, seed 0, fp32.
 """
 
