@@ -8,9 +8,9 @@ For each held-out clip (an identity and a dance never trained on; `python -m xdy
 writes them to DIR/heldout): the clip's last frame is the reference photo, its first --frames frames are the
 target, and their keypoints and face landmarks drive `sample.py` (pose and S-Face ControlNets). Each result
 is scored by `python -m xdyna_jax.eval` against the target with the clip's palette; the table is the mean
-over the clips, then the ground truth's own scores (the limb finder run on the target itself). Every
-sampling setting is the one planned for the demo: 96 x 64, 25 DDIM steps, guidance 1.5, windows of 8 with
-overlap 2, seed 0, fp32.
+over the clips, then the ground truth's own scores (the limb finder run on the target itself). The sampling
+settings default to the demo's (`make demo`): 96 x 64, 25 DDIM steps, guidance 1.5, windows of 4 driven
+frames with overlap 1 (the model trains on 1 + 4 frames), seed 0, fp32.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLING = ["--height", "96", "--width", "64", "--steps", "25", "--guidance", "1.5", "--window", "8",
-            "--overlap", "2", "--seed", "0", "--dtype", "fp32", "--no-compile-cache"]  # fmt: skip
+SAMPLING = ["--height", "96", "--width", "64", "--seed", "0", "--dtype", "fp32", "--no-compile-cache"]
+# the demo's settings (the Makefile's `make demo`); the options below change them
+DEMO = dict(steps=25, guidance=1.5, window=4, overlap=1)
 COLUMNS = ("PSNR dB", "SSIM", "limbs found", "pose error px (capped)", "identity error ΔE76",
            "background flow gen/target")  # fmt: skip
 
@@ -84,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="folder for the videos and eval reports")
     p.add_argument("--frames", type=int, default=8, help="frames animated per clip (default 8)")
+    p.add_argument("--steps", type=int, default=DEMO["steps"])
+    p.add_argument("--guidance", type=float, default=DEMO["guidance"])
+    p.add_argument("--window", type=int, default=DEMO["window"], help="context window (driven frames)")
+    p.add_argument("--overlap", type=int, default=DEMO["overlap"])
     args = p.parse_args(argv)
+    sampling = SAMPLING + ["--steps", str(args.steps), "--guidance", str(args.guidance), "--window",
+                           str(args.window), "--overlap", str(args.overlap)]  # fmt: skip
     heldout, out = Path(args.heldout), Path(args.out)
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 or not Path(m[1]).is_dir() for m in models):
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             code = sample.main([
                 "--model", bundle, "--reference", str(inputs["reference"]), "--pose", str(heldout / "poses" / f"{stem}.npy"),
                 "--face", str(heldout / "videos" / f"{stem}.mp4"), "--landmarks",
-                str(heldout / "faces" / f"{stem}.npy"), "--frames", str(args.frames), *SAMPLING,
+                str(heldout / "faces" / f"{stem}.npy"), "--frames", str(args.frames), *sampling,
                 "--out", str(run / "result.mp4"), "--grid", str(run / "grid.mp4"), "--frames-dir", str(run / "frames"),
             ])  # fmt: skip
             if code:

@@ -19,6 +19,8 @@ SYNTHETIC_STAGES = {
     "synthetic_vae": ("vae", "demo"),
     "synthetic": ("all", "demo"),
     "synthetic_stage2": ("stage2", "demo"),
+    # the ablation of docs/synthetic.md: the denoiser stage without the Dynamics-Adapter (no reference path)
+    "synthetic_no_adapter": ("all", "demo"),
     # the test size (tests/test_synthetic_training.py)
     "synthetic_ci_vae": ("vae", "ci"),
     "synthetic_ci": ("all", "ci"),
@@ -114,6 +116,8 @@ def synthetic_config(stage: str = "synthetic") -> ml_collections.ConfigDict:
     cfg = get_config(trainable)
     model = synthetic.get_config(size)
     cfg.model = model.model
+    if stage == "synthetic_no_adapter":
+        cfg.model.unet.dynamics_adapter = False
     cfg.tokenizer = model.tokenizer
     cfg.frames, cfg.height, cfg.width = model.frames, model.height, model.width
     cfg.step.frozen_dtype = "float32"

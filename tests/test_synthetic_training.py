@@ -83,7 +83,7 @@ def test_the_demo_variant_fits_20_mb_and_the_fresh_weights_follow_the_documented
         for name, c in cfgs.items()
         for _, v in nnx.to_flat_state(nnx.state(shape_only_model(scratch.PARTS[name][1], c), nnx.Param))
     )
-    assert count == 4_547_507 and 4 * count < 20e6
+    assert count == 4_892_979 and 4 * count < 20e6
     unet = read_params(world / "init" / "unet")
     pose = read_params(world / "init" / "controlnet_pose")
     for params in (unet, pose):  # the adapter's to_out_ff, motion proj_out, zero convs: zero

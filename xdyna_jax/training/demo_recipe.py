@@ -9,6 +9,8 @@ Under --out:
   heldout/          a world of other identities and other dances (seed 1), never trained on: validation
                     losses here, and the demo's reference images (heldout/references/) and driving poses
   data/human, data/scene, data/heldout   the prepared datasets (python -m xdyna_jax.data.prepare)
+  latents/human, latents/scene, latents/heldout   the same with the trained VAE's latents stored
+                    (prepare --latents): what the denoiser and stage 2 train on
   init/             the fresh X-Dyna (python -m xdyna_jax.training.scratch)
   runs/vae, runs/denoiser, runs/stage2   the train.py runs (checkpoints, tensorboard, bundle), and
                     runs/<stage>.log their console output
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = ROOT / "configs" / "train_xdyna.py"
 # (name, config of configs/train_xdyna.py, steps of the full recipe)
 # A stage of 0 steps is skipped (--stage2-steps 0: the denoiser stage alone trains the S-Face ControlNet too).
-STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 800), ("stage2", "synthetic_stage2", 200))
+STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 1200), ("stage2", "synthetic_stage2", 200))
 QUICK_STEPS = 4
 BUNDLE = "xdyna_synthetic"
 DEMO_INPUTS = "demo_inputs"
@@ -150,33 +152,32 @@ def run_recipe(
         return ["--videos", str(world_dir / "videos"), "--poses", str(world_dir / "poses"), "--faces",
                 str(world_dir / "faces"), *size, "--output", str(output)]  # fmt: skip
 
-    def prepare_all():
-        _run("prepare", prepare.main, human(out / "world", out / "data" / "human"))
-        _run("prepare", prepare.main, human(out / "heldout", out / "data" / "heldout"))
-        scene = [
-            "--videos",
-            str(out / "world" / "scenes"),
-            "--scene",
-            *size,
-            "--output",
-            str(out / "data" / "scene"),
-        ]
-        _run("prepare", prepare.main, scene)
+    def prepare_all(dest: Path, latents: Path | None = None):
+        stored = ["--latents", str(latents)] if latents else []
+        _run("prepare", prepare.main, human(out / "world", dest / "human") + stored)
+        _run("prepare", prepare.main, human(out / "heldout", dest / "heldout") + stored)
+        scene = ["--videos", str(out / "world" / "scenes"), "--scene", *size, "--output", str(dest / "scene")]
+        _run("prepare", prepare.main, scene + stored)
 
-    timed("prepare", prepare_all)
+    timed("prepare", prepare_all, out / "data")
     timed("scratch", _run, "scratch", scratch.main,
           ["--config", f"{TRAIN_CONFIG}:synthetic", "--out", str(out / "init"), "--seed", str(seed)])  # fmt: skip
     init = out / "init"
+    data = out / "data"
     for name, config, _ in STAGES:
         run = out / "runs" / name
         n = int(steps[name])
         if n == 0:
             continue
-        argv = ["--config", f"{TRAIN_CONFIG}:{config}", "--init", f"xdyna={init}", "--data",
-                str(out / "data" / "human"), "--val-data", str(out / "data" / "heldout"), "--output", str(run),
-                "--steps", str(n), "--set", f"train.val_every={n}", "--set", f"seed={seed}"]  # fmt: skip
+        if name != "vae" and data == out / "data":
+            # the trained VAE's latents, stored once: the later stages' steps then never run its encoder
+            timed("prepare_latents", prepare_all, out / "latents", init)
+            data = out / "latents"
+        argv = ["--config", f"{TRAIN_CONFIG}:{config}", "--init", f"xdyna={init}", "--data", str(data / "human"),
+                "--val-data", str(data / "heldout"), "--output", str(run), "--steps", str(n),
+                "--set", f"train.val_every={n}", "--set", f"seed={seed}"]  # fmt: skip
         if name == "denoiser":  # harmonic data fusion: scene clips mixed in
-            argv += ["--scene-data", str(out / "data" / "scene")]
+            argv += ["--scene-data", str(data / "scene")]
         if n < 100:  # a short run: the warmup and the saves must fit in it
             argv += ["--set", f"optimizer.warmup_steps={max(n // 4, 1)}", "--set", f"train.save_every={n}",
                      "--set", f"train.log_every={max(n // 2, 1)}"]  # fmt: skip
