@@ -108,9 +108,7 @@ def _denoiser_stage(world: Path, init: Path, run: Path) -> tuple[float, float]:
     return _val_losses(run)
 
 
-# 76 s measured under load (perhaps ~30 s alone), more inside the suite: CI's time is at its limit, so it runs with make test-slow until the suite
-# is trimmed
-@pytest.mark.slow
+# 76 s measured under load (perhaps ~30 s alone): the CI check that training from scratch learns
 def test_denoiser_stage_from_scratch_through_train_py_and_the_loss_falls(world):
     """The CI check of the recipe: fresh weights, the synthetic world, train.py; the loss falls."""
     before, after = _denoiser_stage(world, world / "init", world / "run_fresh")
