@@ -339,7 +339,7 @@ def test_cli_rejects_mismatched_inputs(tmp_path, capsys):
         )
     with pytest.raises(EvalInputError, match="without keypoints"):
         evaluate(gen, gen, palette_path=tmp_path / "palette.json")
-    # the module's entry point as `python -m` runs it: exit status 2, one line naming the refused option
+    # the module's entry point as `python -m` runs it: exit status 2, one line naming the missing weights
     argv = ["xdyna_jax.eval", "--generated", gen, "--target", gen, "--lpips-weights", "a.pth"]
     with (
         mock.patch.object(sys, "argv", argv),
@@ -349,6 +349,5 @@ def test_cli_rejects_mismatched_inputs(tmp_path, capsys):
         sys.modules.pop("xdyna_jax.eval.__main__")  # imported above as a module; run it afresh as a script
         runpy.run_module("xdyna_jax.eval", run_name="__main__")
     assert exit_info.value.code == 2
-    assert (
-        "--lpips-weights a.pth: LPIPS and FVD are not implemented in this version" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a.pth: no such LPIPS backbone weights file" in err

@@ -1,7 +1,14 @@
 """Command line: score a generated video against its target.
 
     python -m xdyna_jax.eval --generated out.mp4 --target gt.mp4 \
-        [--keypoints drive.npy --palette palette.json] [--reference ref.png] [--json scores.json]
+        [--keypoints drive.npy --palette palette.json] [--reference ref.png] [--json scores.json] \
+        [--lpips-weights alexnet-owt-7be5be79.pth [--lpips-net alex]]
+    python -m xdyna_jax.eval --generated generated_videos/ --target target_videos/ \
+        --fvd-weights i3d_torchscript.pt [--json fvd.json]
+
+The first form scores one video against its target, frame by frame; LPIPS is added when a local backbone
+file is given. The second compares two folders of videos (mp4 files, or sub-folders of PNG frames) by FVD.
+Learned metrics need `pip install 'xdyna-jax[eval]'` and weights on disk; nothing downloads.
 
 Prints a table and, with --json, writes the same numbers as JSON (atomically). Exit status 0 on success,
 2 when the inputs cannot be evaluated (the message names the files).
@@ -13,26 +20,29 @@ import argparse
 import math
 import sys
 
-from xdyna_jax.eval.evaluate import evaluate, write_json
+from xdyna_jax.eval.evaluate import evaluate, evaluate_video_sets, video_set, write_json
 from xdyna_jax.eval.identity_metrics import SPACES
 from xdyna_jax.eval.inputs import EvalInputError
+from xdyna_jax.eval.learned_metrics import FVD_MIN_FRAMES, LPIPS_NETS
 
-LEARNED_METRICS_NOTE = (
-    "LPIPS and FVD skipped: they need pretrained networks (AlexNet/VGG, I3D) whose weights neither ship "
-    "with xdyna-jax nor download, and this version does not compute them"
-)
+_LPIPS_NAMES = {"alex": "AlexNet", "vgg": "VGG16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xdyna_jax.eval",
-        description="Score a generated video against its target, frame by frame (nothing is resized).",
+        description="Score a generated video against its target, frame by frame (nothing is resized), or two "
+        "folders of videos by FVD.",
     )
     parser.add_argument(
-        "--generated", required=True, help="generated video: an mp4, or a folder of PNG frames"
+        "--generated",
+        required=True,
+        help="generated video: an mp4, or a folder of PNG frames; for FVD, a folder of such videos",
     )
     parser.add_argument(
-        "--target", required=True, help="ground-truth video: an mp4, or a folder of PNG frames"
+        "--target",
+        required=True,
+        help="ground-truth video: an mp4, or a folder of PNG frames; for FVD, a folder of such videos",
     )
     parser.add_argument(
         "--keypoints", help="driving keypoints, a DWPose-style (T, 134, 3) or (T, 18, 3) x, y, score .npy"
@@ -49,8 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--color-space", choices=SPACES, default="lab", help="identity colour distance: CIELAB ΔE76 or RGB"
     )
     parser.add_argument("--min-score", type=float, default=0.3, help="keypoint score for a visible joint")
-    parser.add_argument("--lpips-weights", help="(not implemented in this version)")
-    parser.add_argument("--fvd-weights", help="(not implemented in this version)")
+    parser.add_argument(
+        "--lpips-weights",
+        metavar="FILE",
+        help="LPIPS backbone: a torchvision AlexNet (alexnet-owt-7be5be79.pth) or VGG16 (vgg16-397923af.pth) "
+        "state dict on disk; LPIPS's linear layers come with the lpips package",
+    )
+    parser.add_argument(
+        "--lpips-net", choices=LPIPS_NETS, default="alex", help="the backbone --lpips-weights holds"
+    )
+    parser.add_argument(
+        "--fvd-weights",
+        metavar="FILE",
+        help="I3D detector for FVD, the TorchScript i3d_torchscript.pt (StyleGAN-V's); --generated and "
+        f"--target are then folders of at least 2 videos each, all of one length of {FVD_MIN_FRAMES} or more "
+        "frames",
+    )
     return parser
 
 
@@ -73,6 +97,9 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
         ("PSNR dB (float64, higher is better)", psnr, ""),
         ("SSIM (Gaussian 11, sigma 1.5)", _number(image["ssim"], 4), ""),
     ]
+    if image["lpips"] is not None:
+        net = _LPIPS_NAMES.get(report["inputs"]["lpips_net"], report["inputs"]["lpips_net"])
+        rows.append((f"LPIPS ({net}, lower is better)", _number(image["lpips"], 4), ""))
     pose = report["pose"]
     if pose is not None:
         gen, tgt = pose["generated"], pose["target"]
@@ -136,15 +163,51 @@ def format_table(report: dict) -> str:
     return "\n".join([head, *lines])
 
 
+def format_set_table(report: dict) -> str:
+    videos = report["videos"]
+    head = (
+        f"{len(videos['generated'])} generated and {len(videos['target'])} target videos of "
+        f"{report['frames']} frames"
+    )
+    row = ("FVD (I3D features, lower is better)", _number(report["fvd"], 2))
+    width = max(len(row[0]), len("metric"))
+    lines = [f"{'metric':<{width}}  value", f"{row[0]:<{width}}  {row[1]}"]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join([head, *lines])
+
+
+def _sets_main(args) -> int:
+    """Two folders of videos, or --fvd-weights: FVD only."""
+    pair_only = {
+        "--keypoints": args.keypoints,
+        "--palette": args.palette,
+        "--reference": args.reference,
+        "--lpips-weights": args.lpips_weights,
+    }
+    given = [flag for flag, value in pair_only.items() if value is not None]
+    try:
+        # with a single video on either side, evaluate_video_sets's error (FVD needs 2 per side) is the one
+        if given and all(video_set(p) is not None for p in (args.generated, args.target)):
+            raise EvalInputError(
+                f"{', '.join(given)} score one video against its target; FVD (--fvd-weights, folders of "
+                "videos) is computed on its own"
+            )
+        report = evaluate_video_sets(args.generated, args.target, fvd_weights=args.fvd_weights)
+    except EvalInputError as e:
+        print(f"xdyna_jax.eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_set_table(report))
+    for name, why in report["skipped"].items():
+        print(f"{name} skipped: {why}")
+    if args.json:
+        print(f"wrote {write_json(args.json, report)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag, value in (("--lpips-weights", args.lpips_weights), ("--fvd-weights", args.fvd_weights)):
-        if value is not None:
-            print(
-                f"xdyna_jax.eval: error: {flag} {value}: LPIPS and FVD are not implemented in this version",
-                file=sys.stderr,
-            )
-            return 2
+    if args.fvd_weights is not None or any(video_set(p) is not None for p in (args.generated, args.target)):
+        return _sets_main(args)
     try:
         report = evaluate(
             args.generated,
@@ -155,16 +218,19 @@ def main(argv: list[str] | None = None) -> int:
             pose_cap_px=args.pose_cap_px,
             color_space=args.color_space,
             min_score=args.min_score,
+            lpips_weights=args.lpips_weights,
+            lpips_net=args.lpips_net,
         )
     except EvalInputError as e:
         print(f"xdyna_jax.eval: error: {e}", file=sys.stderr)
         return 2
-    report["skipped"]["lpips_fvd"] = LEARNED_METRICS_NOTE
     print(format_table(report))
-    for name, why in report["skipped"].items():
-        if name != "lpips_fvd":
-            print(f"{name} skipped: {why}")
-    print(LEARNED_METRICS_NOTE)
+    skipped = dict(report["skipped"])
+    learned_note = skipped.pop("lpips_fvd", None)  # a sentence naming both metrics, printed last
+    for name, why in skipped.items():
+        print(f"{name} skipped: {why}")
+    if learned_note is not None:
+        print(learned_note)
     if args.json:
         print(f"wrote {write_json(args.json, report)}")
     return 0
