@@ -36,13 +36,16 @@ bench: $(STAMP)
 # the first command: the shipped demo model (assets/demo/model, trained on the synthetic world) animates an
 # identity it never saw with a dance it never saw -> outputs/demo.mp4 and outputs/demo_grid.mp4
 # (driving pose | face maps | result). The settings are bench/synthetic_reenactment.py's (the README's table).
+# DEMO_MODEL=BUNDLE DEMO_OUT=DIR sample another bundle into another folder (tests/test_demo.py: random weights).
 DEMO := assets/demo
+DEMO_MODEL ?= $(DEMO)/model
+DEMO_OUT ?= outputs
 demo: $(STAMP)
-	mkdir -p outputs
-	$(BIN)/python sample.py --model $(DEMO)/model --reference $(DEMO)/reference.png \
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/python sample.py --model $(DEMO_MODEL) --reference $(DEMO)/reference.png \
 		--pose $(DEMO)/driving_pose.npy --face $(DEMO)/driving.mp4 --landmarks $(DEMO)/driving_landmarks.npy \
 		--height 96 --width 64 --window 4 --overlap 1 --steps 25 --guidance 1.5 --seed 0 --dtype fp32 \
-		--out outputs/demo.mp4 --grid outputs/demo_grid.mp4
+		--out $(DEMO_OUT)/demo.mp4 --grid $(DEMO_OUT)/demo_grid.mp4
 
 # the demo model from scratch on the synthetic world (docs/synthetic.md): demo/xdyna_synthetic/
 demo-model: $(STAMP)

@@ -231,6 +231,9 @@ class XDynaPipeline:
     def decode(self, latents: jax.Array, batch: int = 4) -> np.ndarray:
         """Latents (N, h, w, C) -> float32 frames in [0, 1], `batch` frames per VAE call (one compile: the last
         batch is padded)."""
+        # on the host first: the loop leaves the latents on its mesh (every device of the `data` axis) while the
+        # VAE sits where it was loaded, and jit refuses arguments committed to different devices
+        latents = np.asarray(latents)
         frames = []
         for i in range(0, len(latents), batch):
             z = latents[i : i + batch]

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = ROOT / "configs" / "train_xdyna.py"
 # (name, config of configs/train_xdyna.py, steps of the full recipe)
 # A stage of 0 steps is skipped (--stage2-steps 0: the denoiser stage alone trains the S-Face ControlNet too).
-STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 1200), ("stage2", "synthetic_stage2", 200))
+STAGES = (("vae", "synthetic_vae", 600), ("denoiser", "synthetic", 3000), ("stage2", "synthetic_stage2", 200))
 QUICK_STEPS = 4
 BUNDLE = "xdyna_synthetic"
 DEMO_INPUTS = "demo_inputs"
