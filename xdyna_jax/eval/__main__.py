@@ -23,9 +23,7 @@ import sys
 from xdyna_jax.eval.evaluate import evaluate, evaluate_video_sets, video_set, write_json
 from xdyna_jax.eval.identity_metrics import SPACES
 from xdyna_jax.eval.inputs import EvalInputError
-from xdyna_jax.eval.learned_metrics import FVD_MIN_FRAMES, LPIPS_NETS
-
-_LPIPS_NAMES = {"alex": "AlexNet", "vgg": "VGG16"}
+from xdyna_jax.eval.learned_metrics import FVD_MIN_FRAMES, LPIPS_BACKBONES, LPIPS_NETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +96,7 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
         ("SSIM (Gaussian 11, sigma 1.5)", _number(image["ssim"], 4), ""),
     ]
     if image["lpips"] is not None:
-        net = _LPIPS_NAMES.get(report["inputs"]["lpips_net"], report["inputs"]["lpips_net"])
+        net = LPIPS_BACKBONES.get(report["inputs"]["lpips_net"], report["inputs"]["lpips_net"])
         rows.append((f"LPIPS ({net}, lower is better)", _number(image["lpips"], 4), ""))
     pose = report["pose"]
     if pose is not None:

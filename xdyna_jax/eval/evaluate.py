@@ -28,9 +28,9 @@ import numpy as np
 from xdyna_jax.eval.identity_metrics import identity_error
 from xdyna_jax.eval.inputs import (
     EvalInputError,
-    _natural_key,
     check_palette_size,
     check_same_video_shape,
+    natural_key,
     read_eval_keypoints,
     read_frames,
 )
@@ -216,7 +216,7 @@ def video_set(path: str | Path) -> list[Path] | None:
         if (p.is_file() and p.suffix.lower() == ".mp4")
         or (p.is_dir() and any(q.suffix.lower() == ".png" for q in p.iterdir()))
     ]
-    return sorted(videos, key=_natural_key) or None
+    return sorted(videos, key=natural_key) or None
 
 
 def evaluate_video_sets(

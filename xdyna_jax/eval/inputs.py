@@ -23,7 +23,7 @@ class EvalInputError(ValueError):
     """Inputs that cannot be evaluated together (missing, unreadable, or of mismatched sizes)."""
 
 
-def _natural_key(path: Path):
+def natural_key(path: Path):
     """frame2.png before frame10.png: digit runs compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
@@ -33,7 +33,7 @@ def read_frames(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         if path.is_dir():
-            files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".png"), key=_natural_key)
+            files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".png"), key=natural_key)
             if not files:
                 raise EvalInputError(f"{path}: a folder of frames must hold .png files; found none")
             frames = [read_image(p) for p in files]

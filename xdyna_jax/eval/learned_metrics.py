@@ -36,7 +36,7 @@ from xdyna_jax.eval.inputs import EvalInputError
 
 INSTALL_HINT = "pip install 'xdyna-jax[eval]'"
 LPIPS_NETS = ("alex", "vgg")
-_BACKBONES = {"alex": "AlexNet", "vgg": "VGG16"}
+LPIPS_BACKBONES = {"alex": "AlexNet", "vgg": "VGG16"}
 # The smallest frame side each backbone's layers accept: AlexNet's stride-4 11 x 11 conv and two 3 x 3 stride-2
 # max-pools leave nothing of a frame under 31 pixels; VGG16's four 2 x 2 pools before relu5_3 need 16.
 LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}
@@ -119,7 +119,7 @@ def _load_backbone(backbone, state: dict, path: Path, net: str, torch) -> None:
     """
     own = backbone.state_dict()
     wanted = {f"features.{key.split('.', 1)[1]}": key for key in own}
-    layout = f"a torchvision {_BACKBONES[net]} state dict (features.0.weight, ...) for --lpips-net {net}"
+    layout = f"a torchvision {LPIPS_BACKBONES[net]} state dict (features.0.weight, ...) for --lpips-net {net}"
     for key, value in state.items():
         if isinstance(key, str) and key.startswith("classifier."):
             continue  # torchvision's full-model files carry the classifier; LPIPS uses only the features
@@ -130,7 +130,7 @@ def _load_backbone(backbone, state: dict, path: Path, net: str, torch) -> None:
         need = tuple(own[wanted[key]].shape)
         if tuple(value.shape) != need:
             raise LearnedMetricError(
-                f"{path}: key {key!r} has shape {tuple(value.shape)}, {_BACKBONES[net]} needs {need}; "
+                f"{path}: key {key!r} has shape {tuple(value.shape)}, {LPIPS_BACKBONES[net]} needs {need}; "
                 f"expected {layout}"
             )
     missing = [key for key in wanted if key not in state]
