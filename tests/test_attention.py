@@ -43,7 +43,9 @@ def splash_interpret(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lq,lk,causal", [(37, 37, False), (37, 37, True), (50, 7, False), (5, 77, False)])
+@pytest.mark.parametrize(
+    "lq,lk,causal", [(37, 37, False), (37, 37, True), (48, 16, True), (50, 7, False), (5, 77, False)]
+)
 def test_backend_matches_reference(backend, lq, lk, causal, request):
     """None of the lengths is a multiple of 128, so "splash" pads queries and keys and masks the keys."""
     if not available(backend):
@@ -58,7 +60,9 @@ def test_backend_matches_reference(backend, lq, lk, causal, request):
         backend=backend,
         causal=causal,
         precision=HIGHEST,
-        chunk_size=16,  # smaller than lq so the chunked path really splits (and pads the last block)
+        # lq 37 > 16: the chunked path splits into 3 blocks of 13 (one padded row); 48 x 16 keys: keys
+        # exactly one chunk long still take the loop, 3 unpadded blocks
+        chunk_size=16,
     )
     assert rel_err(got, numpy_attention(q, k, v, causal)) < 1e-5
 
