@@ -76,6 +76,15 @@ def test_video_has_the_frames_size_and_fps_and_the_seed_fixes_it(files, tmp_path
     assert len(pngs) == 3 and np.abs(np.stack(pngs).astype(int) - video).mean() < 32
 
 
+def test_eight_devices_decode_a_saved_bundles_video(files, tmp_path):
+    """Loaded from disk, the VAE sits on one device while the loop leaves the latents on the 8-device mesh:
+    decoding must still run (it once failed there: "incompatible devices"). That 8 devices give the frames of
+    one is tests/test_xdyna_pipeline.py's."""
+    window = ["--frames", "3", "--window", "2", "--overlap", "1", "--steps", "1"]
+    assert sample.main([*argv(files, tmp_path / "a.mp4", *window), "--devices", "8"]) == 0
+    assert read_video(tmp_path / "a.mp4")[0].shape == (3, H, W, 3)
+
+
 def test_window_and_overlap_reach_the_pipeline(files, tmp_path, monkeypatch):
     """A model trained on short clips samples with its own window: --window/--overlap set the schedule (the
     schedule itself is tested in test_windows.py; here the call stands in for the pipeline)."""
