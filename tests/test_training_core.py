@@ -189,8 +189,14 @@ def test_objective_equals_the_equations():
     eps = np.asarray(
         stand_in(jnp.asarray(window), draws.timesteps, jnp.asarray(context), batch["pose"], None)
     )
-    expected = np.mean((eps[:, 1:] - noise.numpy()) ** 2)
-    assert rel_err(loss, expected) < 1e-5
+    per_example = ((eps[:, 1:] - noise.numpy()) ** 2).mean(axis=(1, 2, 3, 4))
+    assert rel_err(loss, per_example.mean()) < 1e-5
+    # Min-SNR-5: each example's error times min(SNR_t, 5) / SNR_t, SNR from diffusers' alphas_cumprod
+    ab = sched.alphas_cumprod.numpy().astype(np.float64)[t.numpy()]
+    snr = ab / (1 - ab)
+    assert (snr > 5).any() and (snr < 5).any()  # the draws exercise both sides of the minimum
+    weighted = float(diffusion_loss(stand_in, batch, null, draws, cfg.alphas_cumprod(), snr_gamma=5.0))
+    assert rel_err(weighted, np.mean(np.minimum(snr, 5) / snr * per_example)) < 1e-5
 
 
 def test_dropout_replaces_exactly_the_chosen_examples_image_tokens():
