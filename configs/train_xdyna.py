@@ -72,7 +72,9 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
     cfg.objective.beta_end = 0.012
     cfg.objective.beta_schedule = "linear"
     cfg.objective.image_dropout = 0.05  # IP tokens -> zero-image tokens, for CFG on the image prompt
-    cfg.objective.snr_gamma = 0.0  # Min-SNR-gamma loss weighting (training/objective.py); 0: the plain mean
+    # loss weighting clip(SNR, snr_floor, snr_gamma) / SNR (training/objective.py); 0 and 0: the plain mean
+    cfg.objective.snr_gamma = 0.0
+    cfg.objective.snr_floor = 0.0
 
     cfg.frames = 16  # driven frames per training window (+ the reference): the paper's 16
     # clips of a prepared dataset (python -m xdyna_jax.data.prepare; see xdyna_jax.data.DataConfig)

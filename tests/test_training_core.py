@@ -197,6 +197,14 @@ def test_objective_equals_the_equations():
     assert (snr > 5).any() and (snr < 5).any()  # the draws exercise both sides of the minimum
     weighted = float(diffusion_loss(stand_in, batch, null, draws, cfg.alphas_cumprod(), snr_gamma=5.0))
     assert rel_err(weighted, np.mean(np.minimum(snr, 5) / snr * per_example)) < 1e-5
+    # a floor of 1 as well: the clean-frame error weighted by at least 1 (max(SNR, 1) / SNR on the eps error)
+    assert (snr < 1).any()
+    both = float(
+        diffusion_loss(stand_in, batch, null, draws, cfg.alphas_cumprod(), snr_gamma=5.0, snr_floor=1.0)
+    )
+    assert rel_err(both, np.mean(np.clip(snr, 1, 5) / snr * per_example)) < 1e-5
+    with pytest.raises(ValueError, match="snr_floor 6.0 is above objective.snr_gamma 5.0"):
+        ObjectiveConfig(snr_gamma=5.0, snr_floor=6.0)
 
 
 def test_dropout_replaces_exactly_the_chosen_examples_image_tokens():

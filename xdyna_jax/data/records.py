@@ -34,6 +34,7 @@ import dataclasses
 import io
 import json
 import math
+import threading
 from pathlib import Path
 
 import cv2
@@ -109,6 +110,9 @@ def encode_record(arrays: dict) -> bytes:
     return buffer.getvalue()
 
 
+_READ_LOCK = threading.Lock()
+
+
 class Record:
     """One record opened lazily: `record[key]` reads only that member of the archive (cached)."""
 
@@ -127,7 +131,11 @@ class Record:
         if key not in self._cache:
             if key not in self._npz.files:
                 raise DatasetError(f"{self.where}: no {key!r} (it has {sorted(self._npz.files)})")
-            self._cache[key] = self._npz[key]
+            # one member at a time: np.load parses each member's header with ast.literal_eval, and CPython
+            # before 3.11.8 / 3.12.1 (gh-106905) can fail that from several threads at once with "SystemError: AST
+            # constructor recursion depth mismatch" -- which killed a training run's grain reader threads
+            with _READ_LOCK:
+                self._cache[key] = self._npz[key]
         return self._cache[key]
 
     @property

@@ -7,11 +7,18 @@ frames are noised at one timestep per example, t ~ U{0, ..., T-1}, with the rele
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,      loss = mean over frames 1..N of (eps_hat - eps)^2
 
 The reference frame 0 stays clean (the sampler never noises it either) and is left out of the loss: the model
-only ever reads it. With `snr_gamma` > 0 each example's error is weighted by min(SNR_t, gamma) / SNR_t, SNR_t =
-alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-gamma, Hang et al. 2023, for epsilon prediction; diffusers' training
-scripts' `--snr_gamma`): the nearly clean timesteps, whose noise is easy to read off and whose gradients pull
-against the noisier ones', count less, which the paper measured to converge several times faster from scratch.
-0 (the default) is the plain mean. For classifier-free guidance the unconditional signal is the IP-Adapter tokens of an
+only ever reads it.
+
+Loss weighting (both off by default: the plain mean above). Each example's error is weighted by
+clip(SNR_t, snr_floor, snr_gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t). Since
+|eps_hat - eps|^2 = SNR_t |x0_hat - x0|^2, the plain loss weights the clean-frame error by SNR_t, which
+is ~0.002 at the noisiest steps: there the frame's layout and colours are decided, and what only the reference
+can tell (a background, an identity's colours) hardly enters the gradient.
+- `snr_gamma` > 0 caps the weight at gamma (Min-SNR-gamma, Hang et al. 2023; diffusers' `--snr_gamma`): the
+  nearly clean steps count less.
+- `snr_floor` > 0 keeps the clean-frame weight at least `snr_floor` (with 1: the "truncated SNR" weighting of
+  Salimans & Ho 2022, max(SNR_t, 1) |x0_hat - x0|^2): the noisiest steps count as much as an x0 loss.
+For classifier-free guidance the unconditional signal is the IP-Adapter tokens of an
 all-zero normalised image (what the sampler's uncond half uses), so each example's image tokens are replaced
 by those with probability `image_dropout`, drawn from the step's key.
 
@@ -59,8 +66,9 @@ class ObjectiveConfig:
     # IP-Adapter's own training drops the image prompt (to a zero image) for 5 % of examples; the X-Dyna
     # release ships no training code, so its rate is unknown.
     image_dropout: float = 0.05
-    # Min-SNR-gamma loss weighting (the module docstring); 0: none, as the release's stage-1/2 fine-tuning
+    # loss weighting clip(SNR, snr_floor, snr_gamma) / SNR (the module docstring); 0 turns each bound off
     snr_gamma: float = 0.0
+    snr_floor: float = 0.0
     # the VAE stage (vae_loss): reconstruction "l1" | "mse" and the weight of the per-element KL term
     vae_reconstruction: str = "l1"
     vae_kl_weight: float = 1e-4
@@ -68,8 +76,13 @@ class ObjectiveConfig:
     def __post_init__(self):
         if not 0.0 <= self.image_dropout <= 1.0:
             raise ValueError(f"objective.image_dropout must be in [0, 1], got {self.image_dropout}")
-        if self.snr_gamma < 0:
-            raise ValueError(f"objective.snr_gamma must be >= 0 (0: no weighting), got {self.snr_gamma}")
+        for name in ("snr_gamma", "snr_floor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objective.{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.snr_gamma and self.snr_floor > self.snr_gamma:
+            raise ValueError(
+                f"objective.snr_floor {self.snr_floor} is above objective.snr_gamma {self.snr_gamma}"
+            )
         if self.vae_reconstruction not in VAE_RECONSTRUCTIONS:
             raise ValueError(
                 f"objective.vae_reconstruction must be one of {VAE_RECONSTRUCTIONS}, got {self.vae_reconstruction!r}"
@@ -150,13 +163,18 @@ def check_batch(batch: dict) -> None:
             )
 
 
-def snr_weights(timesteps: jax.Array, alphas_cumprod: jax.Array, gamma: float) -> jax.Array:
-    """(B,) Min-SNR-gamma weights min(SNR_t, gamma) / SNR_t of epsilon prediction (ones when gamma is 0)."""
-    if gamma == 0:
+def snr_weights(timesteps: jax.Array, alphas_cumprod: jax.Array, gamma: float = 0.0, floor: float = 0.0):
+    """(B,) loss weights clip(SNR_t, floor, gamma) / SNR_t of epsilon prediction (a bound of 0 is off)."""
+    if gamma == 0 and floor == 0:
         return jnp.ones(timesteps.shape, jnp.float32)
     ab = alphas_cumprod[timesteps].astype(jnp.float32)
     snr = ab / (1.0 - ab)
-    return jnp.minimum(snr, gamma) / snr
+    clipped = snr
+    if floor:
+        clipped = jnp.maximum(clipped, floor)
+    if gamma:
+        clipped = jnp.minimum(clipped, gamma)
+    return clipped / snr
 
 
 def diffusion_loss(
@@ -166,9 +184,10 @@ def diffusion_loss(
     draws: Draws,
     alphas_cumprod: jax.Array,
     snr_gamma: float = 0.0,
+    snr_floor: float = 0.0,
 ):
     """Mean squared epsilon error over frames 1..N of `batch` (see the module docstring), float32 scalar;
-    each example's error weighted by `snr_weights` when `snr_gamma` > 0.
+    each example's error weighted by `snr_weights` when a bound is set.
 
     batch: latents (B, 1+N, h, w, C) clean, frame 0 the reference; text (B, L, D); image_tokens (B, T, D);
     optional pose (B, N, H, W, 3) and face (B, N, H, W, 6) conditions of the driven frames.
@@ -183,7 +202,7 @@ def diffusion_loss(
     per_example = jnp.mean(
         jnp.square(eps[:, 1:].astype(jnp.float32) - draws.noise), axis=tuple(range(1, eps.ndim))
     )
-    return jnp.mean(snr_weights(draws.timesteps, alphas_cumprod, snr_gamma) * per_example)
+    return jnp.mean(snr_weights(draws.timesteps, alphas_cumprod, snr_gamma, snr_floor) * per_example)
 
 
 def check_vae_batch(batch: dict) -> None:
@@ -219,4 +238,4 @@ def training_loss(model, batch: dict, null_tokens, key: jax.Array, cfg: Objectiv
             )
         return dynamictrl_loss(model, batch, draw_dynamictrl(key, batch["latents"].shape, cfg), cfg)
     draws = draw(key, batch["latents"].shape, cfg)
-    return diffusion_loss(model, batch, null_tokens, draws, alphas_cumprod, cfg.snr_gamma)
+    return diffusion_loss(model, batch, null_tokens, draws, alphas_cumprod, cfg.snr_gamma, cfg.snr_floor)
