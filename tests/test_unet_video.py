@@ -203,6 +203,21 @@ def test_fresh_adapter_is_plain_sd_per_frame():
     )
     np.testing.assert_allclose(got.reshape(per_frame.shape), per_frame, rtol=1e-5, atol=1e-5)
 
+    # reference_timestep_zero: frame 0 is the 2-D UNet at t = 0, the other frames unchanged
+    zero_cfg = dataclasses.replace(video_cfg, reference_timestep_zero=True)
+    zero = load_torch_state(shape_only_model(UNet, zero_cfg), state, source="fresh adapter, reference at t=0")
+    got_zero = np.asarray(jitted(zero)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text)))
+    frame_t = np.repeat(np.asarray(t), FRAMES).reshape(B, FRAMES)
+    frame_t[:, 0] = 0
+    assert (np.asarray(t) != 0).all()
+    per_frame_zero = jitted(plain)(
+        jnp.asarray(x.reshape(B * FRAMES, H, W, 4)),
+        jnp.asarray(frame_t.reshape(-1)),
+        jnp.repeat(jnp.asarray(text), FRAMES, axis=0),
+    )
+    np.testing.assert_allclose(got_zero.reshape(per_frame.shape), per_frame_zero, rtol=1e-5, atol=1e-5)
+    assert np.abs(got_zero[:, 0] - np.asarray(got)[:, 0]).max() > 1e-3
+
 
 def test_video_input_errors(pair):
     _, model = pair

@@ -32,7 +32,8 @@ class UNetConfig(UNetEncoderConfig):
     # The video fields are ours: diffusers' UNet2DConditionModel config has none of them.
     OWN_FIELDS: ClassVar[tuple[str, ...]] = tuple(
         "groupnorm_over_frames dynamics_adapter ip_adapter_tokens motion_modules motion_mid_block motion_max_len "
-        "motion_heads motion_norm_groups motion_groupnorm_across_frames skip_reference_frame".split()
+        "motion_heads motion_norm_groups motion_groupnorm_across_frames skip_reference_frame "
+        "reference_timestep_zero".split()
     )
 
     out_channels: int = 4
@@ -53,6 +54,11 @@ class UNetConfig(UNetEncoderConfig):
     # code (and so X-Dyna) normalises each frame. Default: the original.
     motion_groupnorm_across_frames: bool = False
     skip_reference_frame: bool = False  # X-Dyna's cross_id: frame 0 bypasses the motion modules
+    # frame 0 (the reference) gets the timestep-0 embedding instead of the window's t: the release's disabled
+    # `zero_temb` path. Off in the release, whose pretrained SD features describe a clean frame at any t; a
+    # model trained from scratch learns at high t to treat its input as noise, reference included
+    # (docs/synthetic.md), and a t = 0 embedding keeps the reference read as the clean image it is.
+    reference_timestep_zero: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,6 +165,9 @@ class UNet(UNetEncoder):
         x = sample.reshape(b * frames, *sample.shape[-3:]).astype(dtype)
         context = jnp.repeat(encoder_hidden_states.astype(dtype), frames, axis=0)
         temb = jnp.repeat(self.time_embed(timesteps, b), frames, axis=0)
+        if cfg.reference_timestep_zero and is_clip:
+            clean = self.time_embed(jnp.zeros((b,), jnp.int32), b)
+            temb = temb.reshape(b, frames, -1).at[:, 0].set(clean).reshape(b * frames, -1)
         video = VideoSpec(
             frames=frames,
             norm_fn=_norm_over_frames(b, frames) if cfg.groupnorm_over_frames else None,
