@@ -55,9 +55,9 @@ class UNetConfig(UNetEncoderConfig):
     motion_groupnorm_across_frames: bool = False
     skip_reference_frame: bool = False  # X-Dyna's cross_id: frame 0 bypasses the motion modules
     # frame 0 (the reference) gets the timestep-0 embedding instead of the window's t: the release's disabled
-    # `zero_temb` path. Off in the release, whose pretrained SD features describe a clean frame at any t; a
-    # model trained from scratch learns at high t to treat its input as noise, reference included
-    # (docs/synthetic.md), and a t = 0 embedding keeps the reference read as the clean image it is.
+    # `zero_temb` path. Off in the release, whose pretrained SD features describe a clean frame at any t. Meant
+    # for a model trained from scratch, whose high-t features may treat the reference as noise too; measured on
+    # the synthetic demo model it did not make the model read its reference (docs/synthetic.md).
     reference_timestep_zero: bool = False
 
     def __post_init__(self):
